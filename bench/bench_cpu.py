@@ -1,0 +1,321 @@
+"""CPU benchmark of fused_bptt against torch.nn.RNN: time, speedup, memory saved for backward.
+
+    python bench/bench_cpu.py            # full sweep, a few minutes on 2 cores
+    python bench/bench_cpu.py --quick    # smoke run of a few seconds (numbers not judged)
+
+One layer, float32, input_size = hidden_size, time-major x [T, B, H]. Each point is timed for
+    cpp        fused_bptt.FusedRNN(..., backend="cpp")    the user-facing path
+    ops        torch.ops.fused_bptt.rnn_forward/backward  the raw ops (cpp - ops = Python layer)
+    reference  fused_bptt.FusedRNN(..., backend="reference")
+    nn         torch.nn.RNN with the same weights
+in two modes: "fwd" (forward under torch.no_grad()) and "fwd+bwd" (forward, then the gradients of
+y.sum() + h_n.sum() for x, h0 and the weights, so y and h_n both feed the loss). The
+implementations are interleaved call by call and each gets the median of its repeats.
+
+Writes bench/results/cpu_bench.csv, cpu_time_vs_H.png and cpu_speedup_vs_H.png (one line per B)
+and cpu_summary.txt; prints progress, and last that summary: the four target shapes (ratio =
+nn time / cpp time), the memory saved for backward, the GFLOP/s at large H against the measured
+sgemm rate, and the machine.
+Benchmarks report; they never assert speed.
+"""
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+# Run from a source checkout: the package next to this folder (with its in-place build) wins.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fused_bptt  # noqa: E402
+
+IMPLS = ("cpp", "ops", "reference", "nn")
+MODES = ("fwd", "fwd+bwd")
+# (T, B, H): must reach, aim (ratio nn / cpp, forward + backward), from the project's targets.
+TARGETS = [((256, 8, 64), 6.0, 15.0), ((128, 16, 128), 2.5, 5.0), ((64, 32, 256), 1.4, 2.0),
+           ((32, 64, 1024), 1.05, 1.3)]
+
+
+def make_models(H, seed=0):
+    torch.manual_seed(seed)
+    nn_rnn = torch.nn.RNN(H, H)
+    models = {"nn": nn_rnn}
+    for backend in ("cpp", "reference"):
+        m = fused_bptt.FusedRNN(H, H, backend=backend)
+        m.load_state_dict(nn_rnn.state_dict())
+        models[backend] = m
+    return models
+
+
+def make_calls(T, B, H):
+    """{impl: {mode: zero-argument callable}} for one shape."""
+    models = make_models(H)
+    x = torch.randn(T, B, H, requires_grad=True)
+    h0 = torch.randn(1, B, H, requires_grad=True)
+    calls = {}
+    for name, model in models.items():
+        params = list(model.parameters())
+
+        def fwd(model=model):
+            with torch.no_grad():
+                model(x, h0)
+
+        def fwd_bwd(model=model, params=params):
+            y, h_n = model(x, h0)
+            torch.autograd.grad(y.sum() + h_n.sum(), [x, h0, *params])
+
+        calls[name] = {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+    w_ih, w_hh, b_ih, b_hh = [p.detach() for p in models["cpp"].parameters()]
+    xd, h0d = x.detach(), h0.detach()[0]
+    grad_y = torch.ones(T, B, H)
+    grad_y[-1] += 1  # h_n = y[T-1] feeds the loss too
+    ops = torch.ops.fused_bptt
+
+    def ops_fwd():
+        return ops.rnn_forward(xd, h0d, w_ih, w_hh, b_ih, b_hh, False)
+
+    def ops_fwd_bwd():
+        ops.rnn_backward(grad_y, xd, h0d, w_ih, w_hh, ops_fwd(), False)
+
+    calls["ops"] = {"fwd": ops_fwd, "fwd+bwd": ops_fwd_bwd}
+    return calls
+
+
+def time_interleaved(calls, budget_s, min_reps=3, max_reps=25):
+    """Median seconds per implementation, calling them in turn so drift hits all alike."""
+    for f in calls.values():  # warm-up (allocator, MKL, first-call dispatch)
+        f()
+    one = max(sum(_timed(f) for f in calls.values()), 1e-6)
+    reps = int(min(max_reps, max(min_reps, budget_s / one)))
+    samples = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, f in calls.items():
+            samples[name].append(_timed(f))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def saved_for_backward(model, T, B, H):
+    """Bytes saved for backward by one forward, in units of one [T, B, H] float32 tensor:
+    (all unique storages, those beyond x, h0, the weights and the outputs y and h_n)."""
+    x = torch.randn(T, B, H, requires_grad=True)
+    h0 = torch.randn(1, B, H, requires_grad=True)
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, h_n = model(x, h0)
+    known = {t.untyped_storage().data_ptr() for t in [x, h0, y, h_n, *model.parameters()]}
+    unit = T * B * H * 4
+    total = sum(storages.values()) / unit
+    extra = sum(n for p, n in storages.items() if p not in known) / unit
+    return total, extra
+
+
+def sgemm_gflops(n=2048, threads=None):
+    """The machine's float32 GEMM rate (torch.mm, MKL in the CPU wheel), with `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        seconds = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def flops_fwd_bwd(T, B, H):
+    """Multiply-adds x2 of the six [T*B, H] x [H, H] products of one forward + backward."""
+    return 6 * 2 * T * B * H * H
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_sweep(points, budget_s, rows):
+    for i, (T, B, H) in enumerate(points):
+        calls = make_calls(T, B, H)
+        for mode in MODES:
+            med = time_interleaved({n: calls[n][mode] for n in IMPLS}, budget_s)
+            for name in IMPLS:
+                rows.append(dict(T=T, B=B, H=H, mode=mode, impl=name, ms=med[name] * 1e3,
+                                 speedup_vs_nn=med["nn"] / med[name]))
+            print(f"[{i + 1}/{len(points)}] T={T:4d} B={B:3d} H={H:5d} {mode:8s} "
+                  + "  ".join(f"{n} {med[n] * 1e3:8.3f} ms" for n in IMPLS)
+                  + f"  nn/cpp {med['nn'] / med['cpp']:5.2f}x", flush=True)
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+STYLES = {"cpp": "-o", "ops": "-.^", "reference": ":x", "nn": "--s"}
+
+
+def plot(rows, T, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing (pip install matplotlib): no PNG plots", flush=True)
+        return []
+    paths = []
+    sweep = [r for r in rows if r["T"] == T]
+    for kind, ylabel in (("time", "time per call [ms]"), ("speedup", "torch.nn.RNN time / time")):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, mode in zip(axes, MODES):
+            for B in sorted({r["B"] for r in sweep}):
+                for impl, style in STYLES.items():
+                    if kind == "speedup" and impl == "nn":
+                        continue
+                    pts = sorted((r["H"], r["ms"] if kind == "time" else r["speedup_vs_nn"])
+                                 for r in sweep if r["B"] == B and r["mode"] == mode
+                                 and r["impl"] == impl)
+                    ax.plot(*zip(*pts), style, label=f"{impl} B={B}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            if kind == "speedup":
+                ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_title(f"{mode}, T={T}, float32, {torch.get_num_threads()} threads")
+            ax.set_xlabel("hidden size H (= input size)")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"cpu_{kind}_vs_H.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def lookup(rows, shape, mode, impl):
+    T, B, H = shape
+    return next(r for r in rows if (r["T"], r["B"], r["H"], r["mode"], r["impl"]) ==
+                (T, B, H, mode, impl))
+
+
+def print_summary(rows, targets, quick, mem, gemm_rate, load_before, path):
+    """Prints the final table and writes the same lines to `path`."""
+    lines = []
+    out = lines.append
+    out("\n" + "=" * 100)
+    out("fused_bptt CPU benchmark: ratio = torch.nn.RNN time / FusedRNN(backend='cpp') time "
+        "(median, interleaved)")
+    out("ops ratio = the same for the raw ops (torch.ops.fused_bptt.*, no Python layer, no "
+        "autograd)")
+    out(f"{'T/B/H':>14} {'fwd+bwd nn ms':>13} {'cpp ms':>8} {'ratio':>6} {'must':>5} {'aim':>5} "
+        f"{'verdict':>8} {'ops ratio':>9} | {'fwd nn ms':>9} {'cpp ms':>8} {'ratio':>6} "
+        f"{'verdict':>7} {'ops ratio':>9}")
+    for shape, must, aim in targets:
+        fb = {i: lookup(rows, shape, "fwd+bwd", i) for i in ("nn", "cpp", "ops")}
+        fo = {i: lookup(rows, shape, "fwd", i) for i in ("nn", "cpp", "ops")}
+        r_fb, r_fo = fb["cpp"]["speedup_vs_nn"], fo["cpp"]["speedup_vs_nn"]
+
+        def verdict(r):
+            if quick:
+                return "n/a"
+            return "AIM" if r >= aim else "PASS" if r >= must else "FAIL"
+        out(f"{'/'.join(map(str, shape)):>14} {fb['nn']['ms']:13.3f} {fb['cpp']['ms']:8.3f} "
+            f"{r_fb:6.2f} {must:5.2f} {aim:5.2f} {verdict(r_fb):>8} "
+            f"{fb['ops']['speedup_vs_nn']:9.2f} | {fo['nn']['ms']:9.3f} {fo['cpp']['ms']:8.3f} "
+            f"{r_fo:6.2f} {verdict(r_fo):>7} {fo['ops']['speedup_vs_nn']:9.2f}")
+    slower = [r for r in rows if r["impl"] == "cpp" and r["speedup_vs_nn"] < 1.0]
+    out(f"points where cpp is slower than nn.RNN: {len(slower)}"
+        + "".join(f"\n  T={r['T']} B={r['B']} H={r['H']} {r['mode']}: "
+                  f"{r['speedup_vs_nn']:.2f}x" for r in slower))
+    (T, B, H), m = mem
+    out(f"saved for backward at T/B/H={T}/{B}/{H}, in units of [T,B,H] float32: "
+        + "; ".join(f"{name} {tot:.2f} in all, {extra:.2f} beyond x, h0, weights, y, h_n"
+                    for name, (tot, extra) in m.items()))
+    shape = targets[-1][0]
+    cpp = lookup(rows, shape, "fwd+bwd", "cpp")
+    rate = flops_fwd_bwd(*shape) / (cpp["ms"] * 1e-3) / 1e9
+    nn_rate = rate * cpp["ms"] / lookup(rows, shape, "fwd+bwd", "nn")["ms"]
+    before, after, one = gemm_rate
+    best = max(before, after)
+    out(f"GFLOP/s at T/B/H={'/'.join(map(str, shape))} fwd+bwd (6 GEMM-sized products): "
+        f"cpp {rate:.0f}, nn.RNN {nn_rate:.0f}; machine sgemm (torch.mm, square) before/after "
+        f"the sweep: {before:.0f}/{after:.0f} -> cpp at {100 * rate / best:.0f}% "
+        f"(1 thread: {one:.0f})")
+    threads = torch.get_num_threads()
+    if min(before, after) < 0.8 * best or (threads > 1 and best < 0.7 * threads * one):
+        out("WARNING: the sgemm rate changed during the run or does not scale with the threads: "
+            "other processes share these cores; rerun for trustworthy numbers")
+    out(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads()="
+        f"{torch.get_num_threads()}, torch {torch.__version__}, cpu capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, python {platform.python_version()}")
+    out(f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        "(other processes on the cores distort every number)")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(path, "w") as f:
+        f.write(text.lstrip("\n") + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run, a few seconds")
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                     "results"))
+    args = p.parse_args(argv)
+    if "cpp" not in fused_bptt.available_backends():
+        sys.exit("fused_bptt: the compiled CPU ops are not built; build them first "
+                 "(pip install --no-build-isolation -e .)")
+    os.makedirs(args.out_dir, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    gemm_n = 512 if args.quick else 2048
+    gemm_one = sgemm_gflops(gemm_n, threads=1)
+    gemm_before = sgemm_gflops(gemm_n)
+    if args.quick:
+        sweep_T, budget = 16, 0.02
+        targets = [((max(1, T // 8), B, H), must, aim) for (T, B, H), must, aim in TARGETS[:3]]
+        grid = [(sweep_T, 4, 32), (sweep_T, 16, 64)]
+        extra_T = []
+    else:
+        sweep_T, budget = 64, 0.4
+        targets = TARGETS
+        grid = [(sweep_T, B, H) for B in (8, 32) for H in (64, 128, 256, 512, 1024)]
+        extra_T = [(T, 16, 128) for T in (32, 512)]
+    points = list(dict.fromkeys(grid + extra_T + [s for s, _, _ in targets]))
+    print(f"fused_bptt CPU benchmark: {len(points)} shapes x {MODES} x {IMPLS}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows = []
+    run_sweep(points, budget, rows)
+    write_csv(rows, os.path.join(args.out_dir, "cpu_bench.csv"))
+    plots = plot(rows, sweep_T, args.out_dir)
+    mem_shape = targets[2][0]
+    models = make_models(mem_shape[2])
+    mem = (mem_shape, {n: saved_for_backward(models[n], *mem_shape) for n in ("cpp", "nn")})
+    gemm_rate = (gemm_before, sgemm_gflops(gemm_n), gemm_one)
+    print(f"wrote {os.path.join(args.out_dir, 'cpu_bench.csv')} " + " ".join(plots))
+    print_summary(rows, targets, args.quick, mem, gemm_rate, load_before,
+                  os.path.join(args.out_dir, "cpu_summary.txt"))
+
+
+if __name__ == "__main__":
+    main()

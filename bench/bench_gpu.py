@@ -1,0 +1,149 @@
+"""FusedRNN(backend="cuda") against torch.nn.RNN (cuDNN) on one GPU, side by side, one layer, fp32.
+
+For every B in {1, 8, 32, 128}, H in {128, 256, 512, 1024}, T in {64, 256} (I = H): the time of a
+training forward and of forward + backward, measured with CUDA events, fused and cuDNN interleaved
+in rounds so clock and thermal drift hit both alike; the median over rounds is reported, with the
+ratio cuDNN / fused (> 1: fused is faster) and the time per recurrent step.
+
+Writes bench/results/gpu_<device>.csv and, where matplotlib is installed, gpu_<device>.png.
+Never asserts speed. Run by bench/gpu.sh after the CUDA tests pass.
+
+    python bench/bench_gpu.py                    # the full grid (a few minutes)
+    python bench/bench_gpu.py --quick            # B in {8}, H in {256}, T in {64}
+    FUSED_BPTT_CUDA_PATH=per_step python bench/bench_gpu.py   # the fallback path instead
+"""
+import argparse
+import csv
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+import fused_bptt  # noqa: E402  (bench/gpu.sh puts the in-place build first on PYTHONPATH)
+
+
+def time_ms(fn, rounds_out, warmup):
+    """Appends the time of one call of fn (ms, CUDA events) to rounds_out, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    rounds_out.append(start.elapsed_time(end))
+
+
+def bench_one(B, H, T, rounds, warmup):
+    torch.manual_seed(0)
+    I = H
+    cudnn = torch.nn.RNN(I, H, 1).cuda()
+    fused = fused_bptt.FusedRNN.from_rnn(cudnn, backend="cuda")
+    x = torch.randn(T, B, I, device="cuda")
+    h0 = torch.zeros(1, B, H, device="cuda")
+    grad = torch.randn(T, B, H, device="cuda")
+
+    def forward(model):
+        return lambda: model(x, h0)
+
+    def forward_backward(model):
+        def run():
+            out, _ = model(x, h0)
+            out.backward(grad)
+        return run
+
+    # Same answer first: a benchmark of a wrong kernel is worthless.
+    with torch.no_grad():
+        out_f, out_c = fused(x, h0)[0], cudnn(x, h0)[0]
+    err = (out_f - out_c).abs().max().item()
+
+    times = {k: [] for k in ("fused_fwd", "cudnn_fwd", "fused_fwdbwd", "cudnn_fwdbwd")}
+    for _ in range(rounds):
+        time_ms(forward(fused), times["fused_fwd"], warmup)
+        time_ms(forward(cudnn), times["cudnn_fwd"], warmup)
+        time_ms(forward_backward(fused), times["fused_fwdbwd"], warmup)
+        time_ms(forward_backward(cudnn), times["cudnn_fwdbwd"], warmup)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(B=B, H=H, T=T, I=I, max_abs_diff_vs_cudnn=f"{err:.2e}",
+                **{f"{k}_ms": f"{v:.4f}" for k, v in med.items()},
+                fwd_speedup=f"{med['cudnn_fwd'] / med['fused_fwd']:.3f}",
+                fwdbwd_speedup=f"{med['cudnn_fwdbwd'] / med['fused_fwdbwd']:.3f}",
+                fused_fwd_us_per_step=f"{1000 * med['fused_fwd'] / T:.2f}",
+                fused_fwdbwd_us_per_step=f"{1000 * med['fused_fwdbwd'] / T:.2f}",
+                cudnn_fwdbwd_us_per_step=f"{1000 * med['cudnn_fwdbwd'] / T:.2f}")
+
+
+def plot(rows, path, device):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no PNG written ({path}); the CSV has every number.")
+        return
+    Ts = sorted({r["T"] for r in rows})
+    fig, axes = plt.subplots(1, len(Ts), figsize=(6 * len(Ts), 4.5), squeeze=False)
+    for ax, T in zip(axes[0], Ts):
+        for B in sorted({r["B"] for r in rows}):
+            sel = [r for r in rows if r["T"] == T and r["B"] == B]
+            ax.plot([r["H"] for r in sel], [float(r["fwdbwd_speedup"]) for r in sel], marker="o", label=f"B={B}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axhline(2.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("hidden size H (I = H)")
+        ax.set_ylabel("cuDNN time / fused time, forward + backward")
+        ax.set_title(f"T = {T}, fp32, {device}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one configuration, a smoke run")
+    ap.add_argument("--rounds", type=int, default=15, help="timed rounds per configuration")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls before each timed one")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
+    if "cuda" not in fused_bptt.available_backends():
+        sys.exit("fused_bptt has no CUDA backend here: build it with bench/gpu.sh "
+                 "(FORCE_CUDA=1 python setup.py build_ext --inplace)")
+    device = torch.cuda.get_device_name()
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+    Bs, Hs, Ts = ([8], [256], [64]) if args.quick else ([1, 8, 32, 128], [128, 256, 512, 1024], [64, 256])
+    path_env = os.environ.get("FUSED_BPTT_CUDA_PATH", "auto")
+    print(f"device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"cuDNN {torch.backends.cudnn.version()}; fused path: {path_env}")
+    header = f"{'B':>4} {'H':>5} {'T':>4} | {'fwd ms':>8} {'cuDNN':>8} {'x':>5} | {'f+b ms':>8} {'cuDNN':>8} {'x':>5} | {'us/step f+b':>11}"
+    print(header)
+    rows = []
+    for T in Ts:
+        for H in Hs:
+            for B in Bs:
+                r = bench_one(B, H, T, args.rounds, args.warmup)
+                r.update(device=device, path=path_env)
+                rows.append(r)
+                print(f"{B:>4} {H:>5} {T:>4} | {r['fused_fwd_ms']:>8} {r['cudnn_fwd_ms']:>8} {r['fwd_speedup']:>5} | "
+                      f"{r['fused_fwdbwd_ms']:>8} {r['cudnn_fwdbwd_ms']:>8} {r['fwdbwd_speedup']:>5} | "
+                      f"{r['fused_fwdbwd_us_per_step']:>11}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if path_env == "auto" else f"_{path_env}"
+    csv_path = out / f"gpu_{tag}{suffix}{'_quick' if args.quick else ''}.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {csv_path}")
+    plot(rows, csv_path.with_suffix(".png"), device)
+
+
+if __name__ == "__main__":
+    main()

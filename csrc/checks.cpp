@@ -1,0 +1,64 @@
+// checks.cpp: the input checks every backend of the fused RNN ops shares (see fused_bptt.h).
+// Errors say what was expected and what came.
+#include "fused_bptt.h"
+
+#include <c10/util/Exception.h>
+
+namespace fused_bptt {
+namespace {
+
+void check_float_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_bptt: ", name, " must have dtype ", dtype,
+              " (the dtype of x), but got ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), "fused_bptt: ", name, " must be on ", x.device(),
+              " (the device of x), but is on ", t.device());
+}
+
+void check_sizes(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "fused_bptt: ", name, " must have shape ", expected,
+              ", but got ", t.sizes());
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x,
+                  at::IntArrayRef expected) {
+  TORCH_CHECK(t.defined(), "fused_bptt: ", name, " is undefined");
+  check_sizes(t, name, expected);
+  check_float_dtype(t, name, x.scalar_type());
+  check_same_device(t, name, x);
+}
+
+}  // namespace
+
+RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& weight_ih,
+                              const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                              const std::optional<at::Tensor>& bias_hh) {
+  TORCH_CHECK(x.dim() == 3, "fused_bptt: x must be 3-D [T, B, I], but got a ", x.dim(),
+              "-D tensor of shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "fused_bptt: x must be float32 or float64, but got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) >= 1, "fused_bptt: x must hold at least one time step (T >= 1), but T = ",
+              x.size(0));
+  TORCH_CHECK(weight_hh.dim() == 2, "fused_bptt: weight_hh must be 2-D [H, H], but got shape ",
+              weight_hh.sizes());
+  const RnnShape s{x.size(0), x.size(1), x.size(2), weight_hh.size(0)};
+  check_tensor(weight_hh, "weight_hh", x, {s.H, s.H});
+  check_tensor(weight_ih, "weight_ih", x, {s.H, s.I});
+  check_tensor(h0, "h0", x, {s.B, s.H});
+  if (bias_ih.has_value()) check_tensor(*bias_ih, "bias_ih", x, {s.H});
+  if (bias_hh.has_value()) check_tensor(*bias_hh, "bias_hh", x, {s.H});
+  return s;
+}
+
+RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
+                               const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                               const at::Tensor& y) {
+  const RnnShape s = check_forward_inputs(x, h0, weight_ih, weight_hh, std::nullopt, std::nullopt);
+  check_tensor(y, "y", x, {s.T, s.B, s.H});
+  check_tensor(grad_y, "grad_y", x, {s.T, s.B, s.H});
+  return s;
+}
+
+}  // namespace fused_bptt

@@ -1,0 +1,37 @@
+// cpu_gemm.h: the one GEMM entry point the CPU ops use for their large matrix products.
+//
+//   C [M, N] = alpha * op(A) @ op(B) + beta * C       all row-major, op(X) = X or X^T
+//   A: op(A) is [M, K], stored with row stride lda;  B: op(B) is [K, N], row stride ldb;
+//   C: row stride ldc. beta == 0 ignores what C held (NaN included).
+//
+// Backends, picked per call:
+//   blas: the Fortran sgemm_/dgemm_ that the torch CPU wheel's libtorch_cpu exports (MKL), found
+//         with dlsym at first use. Calling it directly costs well under a microsecond, where an
+//         ATen op costs several (dispatch, a Tensor per operand, the output allocation).
+//   aten: at::addmm_ on from_blob views of the same memory, for torch builds that export no BLAS.
+// The environment variable FUSED_BPTT_CPU_GEMM selects the path for tests and benchmarks:
+//   unset / "auto": blas when available, otherwise aten; the recurrence picks its own kernel by size.
+//   "aten":  as on a torch without an exported BLAS (aten GEMMs, hand-written recurrence kernel).
+//   "blas":  the recurrence goes through this GEMM at every size too (blas, else aten).
+#pragma once
+
+#include <cstdint>
+
+namespace fused_bptt {
+namespace cpu {
+
+enum class GemmMode { kAuto, kAten, kBlas };
+
+// Reads FUSED_BPTT_CPU_GEMM (once per op call, so a test can switch it between calls).
+GemmMode gemm_mode_from_env();
+
+// True when a BLAS sgemm_/dgemm_ was found and `mode` allows it.
+bool blas_available(GemmMode mode);
+
+template <typename scalar_t>
+void gemm(GemmMode mode, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha,
+          const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C,
+          int64_t ldc);
+
+}  // namespace cpu
+}  // namespace fused_bptt

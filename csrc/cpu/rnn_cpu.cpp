@@ -1,0 +1,215 @@
+// rnn_cpu.cpp: the CPU implementation of fused_bptt::rnn_forward and rnn_backward.
+//
+// Shapes (time-major, one layer; see fused_bptt.h):
+//   x [T, B, I], h0 [B, H], weight_ih [H, I], weight_hh [H, H], bias_ih / bias_hh [H] or none,
+//   y [T, B, H] (y[T-1] is h_n), grad_y [T, B, H].
+// Forward:  z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh,   y_t = h_t = act(z_t)
+// Backward: dz_t = (grad_y_t + dz_{t+1} W_hh) * act'(z_t), act' from y alone (1 - y^2 or [y > 0]);
+//           dh0 = dz_0 W_hh, dW_hh = dz^T [h0; y[:-1]], dW_ih = dz^T x, db = sum dz, dx = dz W_ih.
+// Saved for backward: y only (the caller keeps it; nothing else is allocated for backward).
+//
+// Structure, and why:
+// - The input projection of all T steps is one GEMM over the T*B rows, written straight into y;
+//   only h_{t-1} W_hh^T is sequential. The biases are added inside the step, not in a pass of
+//   their own.
+// - The sequential loop never enters ATen: an ATen op per step costs microseconds of dispatch and
+//   allocation, which at H = 64 is more than the step's arithmetic. Each step is either
+//     * a hand-written register-tiled kernel with the bias, activation (forward) or grad_y and
+//       act' (backward) fused into its epilogue (rnn_step_kernel.inc), while W_hh fits in L2
+//       (float32: H <= 512): at small H a BLAS call's fixed overhead would dominate the step.
+//       Threads split the batch rows and each runs all T steps on its own rows: rows of the batch
+//       are independent sequences, so no thread ever waits for another (no barrier per step);
+//     * or, for larger H, one BLAS GEMM (cpu_gemm.h: MKL's sgemm_ resolved at run time, threaded
+//       by MKL) followed by the same kernel with K = 0 as the fused elementwise pass.
+// - Backward runs the reverse loop producing dz [T, B, H], then every weight gradient and dx as a
+//   single GEMM over all T*B rows (dW_hh as two, because h0 is not stored next to y).
+// - Determinism: every output element is computed by one fixed sequence of operations; threads
+//   split rows (and db's columns), never a reduction, so results are the same bits run after run
+//   and, in the recurrence, for any thread count (the BLAS GEMMs may round differently across
+//   thread counts).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_gemm.h"
+#include "cpu/rnn_step_kernel.h"
+#include "fused_bptt.h"
+
+namespace fused_bptt {
+namespace cpu {
+namespace {
+
+// The hand-written step streams all of W_hh from cache every step: it wins while W_hh fits in a
+// core's L2 (2 MiB on the machines measured; 1 MiB and more on current x86 server cores). From
+// there on (float32: H > 512) a step is one BLAS call, whose blocking and threads do better and
+// whose call overhead no longer matters.
+constexpr int64_t kKernelMaxWeightBytes = 1 << 20;
+// Below this much work a call stays on one thread: starting the others costs microseconds.
+constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
+constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
+
+// Runs fn(r0, r1) on parts of the batch rows [0, B), one per thread, in whole register tiles.
+// Row b of every step depends on row b of the step before alone, so a thread can run all T steps
+// of its rows without waiting for the others: no barrier per step.
+template <typename Fn>
+void parallel_rows(int64_t B, bool worth_threads, const Fn& fn) {
+  const int64_t tiles = (B + kStepRows - 1) / kStepRows;
+  at::parallel_for(0, tiles, worth_threads ? 1 : tiles, [&](int64_t p0, int64_t p1) {
+    fn(p0 * kStepRows, std::min(B, p1 * kStepRows));
+  });
+}
+
+template <typename scalar_t>
+bool use_blas_step(GemmMode mode, int64_t H) {
+  return mode == GemmMode::kBlas ||
+         (mode == GemmMode::kAuto && blas_available(mode) &&
+          H * H * static_cast<int64_t>(sizeof(scalar_t)) > kKernelMaxWeightBytes);
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                  const at::Tensor& w_hh, const std::vector<scalar_t>& bias, at::Tensor& y,
+                  const RnnShape& s, bool relu) {
+  const int64_t B = s.B, H = s.H, BH = s.B * s.H;
+  const GemmMode mode = gemm_mode_from_env();
+  const StepKernels<scalar_t>& k = step_kernels<scalar_t>();
+  const scalar_t* b = bias.data();
+  const scalar_t* h0p = h0.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  auto h_prev = [&](int64_t t) { return t == 0 ? h0p : yp + (t - 1) * BH; };
+
+  // y = x W_ih^T over all T*B rows at once.
+  gemm<scalar_t>(mode, false, true, s.T * B, H, s.I, 1, x.data_ptr<scalar_t>(), s.I,
+                 w_ih.data_ptr<scalar_t>(), s.I, 0, yp, H);
+  if (use_blas_step<scalar_t>(mode, H)) {
+    const scalar_t* whh = w_hh.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < s.T; ++t) {
+      scalar_t* yt = yp + t * BH;
+      gemm<scalar_t>(mode, false, true, B, H, H, 1, h_prev(t), H, whh, H, 1, yt, H);
+      parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
+        k.forward(nullptr, nullptr, nullptr, b, yt + r0 * H, r1 - r0, 0, H, relu);
+      });
+    }
+    return;
+  }
+  // The tile wants w as [K, N] = W_hh^T; one H x H transpose per call.
+  const at::Tensor w_t = w_hh.t().contiguous();
+  const scalar_t* wt = w_t.data_ptr<scalar_t>();
+  std::vector<scalar_t> part(BH);
+  parallel_rows(B, s.T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
+    for (int64_t t = 0; t < s.T; ++t) {
+      k.forward(h_prev(t) + r0 * H, wt, part.data() + r0 * H, b, yp + t * BH + r0 * H, r1 - r0, H,
+                H, relu);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
+                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
+                   const RnnShape& s, bool relu, at::Tensor& dx, at::Tensor& dh0,
+                   at::Tensor& dw_ih, at::Tensor& dw_hh, at::Tensor& db) {
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, BH = s.B * s.H;
+  const GemmMode mode = gemm_mode_from_env();
+  const StepKernels<scalar_t>& k = step_kernels<scalar_t>();
+  at::Tensor dz = at::empty_like(y);
+  scalar_t* dzp = dz.data_ptr<scalar_t>();
+  const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* whh = w_hh.data_ptr<scalar_t>();
+
+  // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
+  if (use_blas_step<scalar_t>(mode, H)) {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      scalar_t* dzt = dzp + t * BH;
+      std::memcpy(dzt, gp + t * BH, sizeof(scalar_t) * BH);
+      if (t + 1 < T) gemm<scalar_t>(mode, false, false, B, H, H, 1, dzt + BH, H, whh, H, 1, dzt, H);
+      parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
+        const int64_t o = r0 * H;
+        k.backward(nullptr, nullptr, nullptr, dzt + o, yp + t * BH + o, dzt + o, r1 - r0, 0, H,
+                   relu);
+      });
+    }
+  } else {
+    std::vector<scalar_t> part(BH);
+    parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t o = t * BH + r0 * H, K = t + 1 < T ? H : 0;
+        k.backward(dzp + o + BH, whh, part.data() + r0 * H, gp + o, yp + o, dzp + o, r1 - r0, K, H,
+                   relu);
+      }
+    });
+  }
+
+  // Everything else is one GEMM over all T*B rows (or a column sum), after the loop.
+  scalar_t* dwhh = dw_hh.data_ptr<scalar_t>();
+  gemm<scalar_t>(mode, false, false, B, H, H, 1, dzp, H, whh, H, 0, dh0.data_ptr<scalar_t>(), H);
+  gemm<scalar_t>(mode, true, false, H, H, B, 1, dzp, H, h0.data_ptr<scalar_t>(), H, 0, dwhh, H);
+  gemm<scalar_t>(mode, true, false, H, H, (T - 1) * B, 1, dzp + BH, H, yp, H, 1, dwhh, H);
+  gemm<scalar_t>(mode, true, false, H, I, T * B, 1, dzp, H, x.data_ptr<scalar_t>(), I, 0,
+                 dw_ih.data_ptr<scalar_t>(), I);
+  gemm<scalar_t>(mode, false, false, T * B, I, H, 1, dzp, H, w_ih.data_ptr<scalar_t>(), I, 0,
+                 dx.data_ptr<scalar_t>(), I);
+  // db: column sums in a fixed row order (threads split columns), accumulated in double.
+  scalar_t* dbp = db.data_ptr<scalar_t>();
+  at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
+    std::vector<double> acc(j1 - j0, 0.0);
+    for (int64_t r = 0; r < T * B; ++r) {
+      const scalar_t* row = dzp + r * H;
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += row[j];
+    }
+    for (int64_t j = j0; j < j1; ++j) dbp[j] = static_cast<scalar_t>(acc[j - j0]);
+  });
+}
+
+at::Tensor rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& weight_ih,
+                           const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                           const std::optional<at::Tensor>& bias_hh, bool relu) {
+  const RnnShape s = check_forward_inputs(x, h0, weight_ih, weight_hh, bias_ih, bias_hh);
+  at::Tensor y = at::empty({s.T, s.B, s.H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_forward_cpu", [&] {
+    // b_ih + b_hh once, so the step adds one bias vector.
+    std::vector<scalar_t> bias(s.H, scalar_t(0));
+    for (const auto* b : {&bias_ih, &bias_hh}) {
+      if (!b->has_value()) continue;
+      const at::Tensor bc = (*b)->contiguous();
+      const scalar_t* bp = bc.data_ptr<scalar_t>();
+      for (int64_t j = 0; j < s.H; ++j) bias[j] += bp[j];
+    }
+    forward_impl<scalar_t>(x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
+                           weight_hh.contiguous(), bias, y, s, relu);
+  });
+  return y;
+}
+
+RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
+                          const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                          const at::Tensor& y, bool relu) {
+  const RnnShape s = check_backward_inputs(grad_y, x, h0, weight_ih, weight_hh, y);
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor dh0 = at::empty_like(h0, at::MemoryFormat::Contiguous);
+  at::Tensor dw_ih = at::empty_like(weight_ih, at::MemoryFormat::Contiguous);
+  at::Tensor dw_hh = at::empty_like(weight_hh, at::MemoryFormat::Contiguous);
+  at::Tensor db = at::empty({s.H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
+    backward_impl<scalar_t>(grad_y.contiguous(), x.contiguous(), h0.contiguous(),
+                            weight_ih.contiguous(), weight_hh.contiguous(), y.contiguous(), s,
+                            relu, dx, dh0, dw_ih, dw_hh, db);
+  });
+  return {dx, dh0, dw_ih, dw_hh, db};
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(fused_bptt, CPU, m) {
+  m.impl("rnn_forward", &cpu::rnn_forward_cpu);
+  m.impl("rnn_backward", &cpu::rnn_backward_cpu);
+}
+
+}  // namespace fused_bptt

@@ -1,0 +1,83 @@
+// rnn_step_kernel.cpp: compiles rnn_step_kernel.inc once per instruction set and picks one at run
+// time. setup.py builds without -march, so wider instructions are enabled only inside these target
+// regions and used only where __builtin_cpu_supports says the CPU has them.
+#include "cpu/rnn_step_kernel.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+// Vectors wider than the baseline ISA passed between inlined helpers: no ABI is crossed.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace fused_bptt {
+namespace cpu {
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+namespace avx512 {
+constexpr int kVecBytes = 64;
+#include "cpu/rnn_step_kernel.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+constexpr int kVecBytes = 32;
+#include "cpu/rnn_step_kernel.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+namespace sse2 {
+constexpr int kVecBytes = 16;
+#include "cpu/rnn_step_kernel.inc"
+}  // namespace sse2
+
+namespace {
+
+template <typename T>
+const StepKernels<T> kAvx512{avx512::forward_step<T>, avx512::backward_step<T>, "avx512"};
+template <typename T>
+const StepKernels<T> kAvx2{avx2::forward_step<T>, avx2::backward_step<T>, "avx2"};
+template <typename T>
+const StepKernels<T> kSse2{sse2::forward_step<T>, sse2::backward_step<T>, "sse2"};
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return has;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+}  // namespace
+
+template <typename T>
+const StepKernels<T>& step_kernels() {
+  const char* want = std::getenv("FUSED_BPTT_CPU_ISA");
+  if (want == nullptr || *want == '\0') {
+    if (cpu_has_avx512()) return kAvx512<T>;
+    if (cpu_has_avx2()) return kAvx2<T>;
+    return kSse2<T>;
+  }
+  if (std::strcmp(want, "sse2") == 0) return kSse2<T>;
+  const bool avx2 = std::strcmp(want, "avx2") == 0, avx512 = std::strcmp(want, "avx512") == 0;
+  TORCH_CHECK(avx2 || avx512, "fused_bptt: FUSED_BPTT_CPU_ISA must be avx512, avx2 or sse2, but is '",
+              want, "'");
+  TORCH_CHECK(avx512 ? cpu_has_avx512() : cpu_has_avx2(), "fused_bptt: FUSED_BPTT_CPU_ISA=", want,
+              " but this CPU does not support it");
+  return avx512 ? kAvx512<T> : kAvx2<T>;
+}
+
+template const StepKernels<float>& step_kernels<float>();
+template const StepKernels<double>& step_kernels<double>();
+
+}  // namespace cpu
+}  // namespace fused_bptt

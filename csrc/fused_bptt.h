@@ -1,0 +1,65 @@
+// fused_bptt.h: the contract every backend of the fused RNN ops implements.
+//
+// One layer, one direction, time-major:
+//   x:         [T, B, I]  input of the chunk (T >= 1)
+//   h0:        [B, H]     hidden state before step 0
+//   weight_ih: [H, I]     input-to-hidden weights
+//   weight_hh: [H, H]     hidden-to-hidden weights
+//   bias_ih:   [H]        optional
+//   bias_hh:   [H]        optional
+//   y:         [T, B, H]  y_t = h_t, the output of every step; y[T-1] is h_n
+//
+// Forward:   z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh,   h_t = act(z_t),
+//            act = tanh, or relu when `relu` is true.
+//            The input projection of all T steps is one GEMM over the T*B rows; only the
+//            recurrence h_{t-1} W_hh^T is sequential. The only tensor saved for backward is y:
+//            act'(z_t) is 1 - y_t^2 (tanh) or [y_t > 0] (relu), and h_{t-1} is y_{t-1} (h0 at t = 0).
+//
+// Backward (one call, reverse time), given grad_y = dL/dy [T, B, H]:
+//            dz_t   = (grad_y_t + dz_{t+1} W_hh) * act'(z_t)        (dz_T = 0)
+//            dh0    = dz_0 W_hh
+//            dW_hh  = sum_t dz_t^T h_{t-1}      dW_ih = sum_t dz_t^T x_t
+//            db     = sum_t sum_b dz_t           (the gradient of b_ih and of b_hh alike)
+//            dx_t   = dz_t W_ih
+//   returns (dx [T,B,I], dh0 [B,H], dW_ih [H,I], dW_hh [H,H], db [H]).
+//
+// Inputs may be non-contiguous: every backend makes them contiguous itself.
+// Supported dtypes: float32 and float64; all tensors share one dtype and one device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace fused_bptt {
+
+struct RnnShape {
+  int64_t T, B, I, H;
+};
+
+// Validates the forward arguments (csrc/checks.cpp) (shapes, dtypes, devices) and returns the sizes.
+// Errors say what was expected and what came.
+RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& weight_ih,
+                              const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                              const std::optional<at::Tensor>& bias_hh);
+
+// Validates the backward arguments: the forward ones plus grad_y and y, both [T, B, H].
+RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
+                               const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                               const at::Tensor& y);
+
+using RnnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The op schemas, registered by csrc/ops.cpp into the namespace fused_bptt (and by the emulated CUDA
+// build of the tests into its own namespace).
+// y [T, B, H] = the outputs h_1..h_T of one layer.
+inline constexpr const char* kRnnForwardSchema =
+    "rnn_forward(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+    "Tensor? bias_hh, bool relu) -> Tensor";
+// (dx, dh0, dW_ih, dW_hh, db) from grad_y and the saved y.
+inline constexpr const char* kRnnBackwardSchema =
+    "rnn_backward(Tensor grad_y, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, "
+    "Tensor y, bool relu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
+
+}  // namespace fused_bptt

@@ -1,0 +1,143 @@
+"""FusedRNN: a drop-in for torch.nn.RNN that runs each layer and direction through fused_bptt.
+
+It subclasses torch.nn.RNN, so the constructor, parameter names, order, shapes, initialisation,
+state_dict, repr and the argument validation are nn.RNN's own; isinstance(m, nn.RNN) holds.
+Only forward differs: every (layer, direction) is one call of the fused op over the whole chunk.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .function import BACKENDS, rnn_layer
+
+
+class FusedRNN(nn.RNN):
+    """Multi-layer Elman RNN with tanh or relu, computed by the fused kernels.
+
+    Args are those of torch.nn.RNN, plus the keyword `backend` ("auto", "cuda", "cpp" or
+    "reference"; see fused_bptt.available_backends()).
+
+    Example::
+
+        rnn = FusedRNN(input_size=32, hidden_size=128, num_layers=2, batch_first=True)
+        out, h_n = rnn(torch.randn(8, 100, 32))           # out: [8, 100, 128], h_n: [2, 8, 128]
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
+                 backend: str = "auto") -> None:
+        if backend not in BACKENDS + ("auto",):
+            raise ValueError(f"FusedRNN: backend must be one of 'auto', 'cuda', 'cpp', "
+                             f"'reference', but got {backend!r}")
+        super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
+                         dropout, bidirectional, device=device, dtype=dtype)
+        self.backend = backend
+
+    @classmethod
+    def from_rnn(cls, rnn: nn.RNN, *, backend: str = "auto") -> "FusedRNN":
+        """A FusedRNN with the configuration, weights, device, dtype and mode of `rnn`."""
+        if not isinstance(rnn, nn.RNN):
+            raise TypeError(f"FusedRNN.from_rnn expects a torch.nn.RNN, but got "
+                            f"{type(rnn).__name__}")
+        weight = rnn.weight_ih_l0
+        fused = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.nonlinearity, rnn.bias,
+                    rnn.batch_first, rnn.dropout, rnn.bidirectional, device=weight.device,
+                    dtype=weight.dtype, backend=backend)
+        fused.load_state_dict(rnn.state_dict())
+        fused.train(rnn.training)
+        return fused
+
+    def flatten_parameters(self) -> None:
+        """Does nothing: the fused ops read the parameters where they are (no cuDNN buffer)."""
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if isinstance(input, PackedSequence):
+            raise NotImplementedError(
+                "FusedRNN does not take a PackedSequence yet; pad the batch "
+                "(torch.nn.utils.rnn.pad_packed_sequence) or use torch.nn.RNN for packed input")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor "
+                             f"instead")
+        num_directions = 2 if self.bidirectional else 1
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                if hx.dim() != 2:
+                    raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got "
+                                       f"{hx.dim()}-D tensor")
+                hx = hx.unsqueeze(1)
+        elif hx is not None and hx.dim() != 3:
+            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got "
+                               f"{hx.dim()}-D tensor")
+        if hx is None:
+            hx = torch.zeros(self.num_layers * num_directions, input.size(batch_dim),
+                             self.hidden_size, dtype=input.dtype, device=input.device)
+        self.check_forward_args(input, hx, None)
+        weight_dtype = self.weight_ih_l0.dtype
+        if input.dtype != weight_dtype:
+            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype "
+                             f"({weight_dtype}). Convert input: input.to({weight_dtype}), or "
+                             f"convert model: model.to({input.dtype})")
+        if hx.dtype != input.dtype:
+            raise ValueError(f"RNN hx dtype ({hx.dtype}) does not match input dtype "
+                             f"({input.dtype}). Convert it: hx.to({input.dtype})")
+        if self.batch_first:
+            input = input.transpose(0, 1)
+        if input.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        output, h_n = self._run_layers(input, hx)
+
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            h_n = h_n.squeeze(1)
+        return output, h_n
+
+    def _run_layers(self, x: Tensor, hx: Tensor) -> Tuple[Tensor, Tensor]:
+        """x: [T, B, I] time-major, hx: [num_layers * num_directions, B, H]."""
+        num_directions = 2 if self.bidirectional else 1
+        relu = self.nonlinearity == "relu"
+        finals = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                index = layer * num_directions + direction
+                params = [getattr(self, name) for name in self._all_weights[index]]
+                weight_ih, weight_hh = params[0], params[1]
+                bias_ih, bias_hh = (params[2], params[3]) if self.bias else (None, None)
+                # The reverse direction is the forward recurrence over the time-flipped input.
+                layer_in = x if direction == 0 else x.flip(0)
+                y, h_last = rnn_layer(layer_in, hx[index], weight_ih, weight_hh, bias_ih, bias_hh,
+                                      relu=relu, backend=self.backend)
+                outputs.append(y if direction == 0 else y.flip(0))
+                finals.append(h_last)
+            x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        return x, torch.stack(finals)
+
+
+def swap_rnn(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Replaces, in place, every torch.nn.RNN inside `model` with a FusedRNN holding the same
+    weights, and returns `model` (or the new FusedRNN when `model` itself is an nn.RNN).
+
+    Parameters are new objects: build the optimizer after swapping.
+    """
+    if isinstance(model, nn.RNN) and not isinstance(model, FusedRNN):
+        return FusedRNN.from_rnn(model, backend=backend)
+    for name, child in model.named_children():
+        swapped = swap_rnn(child, backend=backend)
+        if swapped is not child:
+            setattr(model, name, swapped)
+    return model

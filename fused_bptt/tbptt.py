@@ -1,0 +1,348 @@
+"""Truncated backpropagation through time: chunk drivers on top of any recurrent module.
+
+The drivers know one interface only, `module(x, h) -> (y, h_n)` (torch.nn.RNN, FusedRNN, nn.GRU,
+nn.LSTM with h = (h, c), or your own); they never see a kernel. They cut the data into chunks of
+k time steps; gradients then flow inside a chunk and never across a chunk boundary, so no
+gradient connects two states more than k steps apart.
+
+    StatefulTBPTT    B contiguous streams, consecutive chunks in time order; the final state of
+                     one chunk, detached, is the initial state of the next (forward information
+                     flows across the boundary, gradient does not).
+    StatelessTBPTT   mini-batches of B windows of length k at random places of random sequences
+                     (seeded), each window starting from a fresh zero state.
+    train_tbptt      forward, loss, backward, optional gradient clipping, optimizer step per
+                     chunk; returns the per-chunk losses.
+    RNNWithHead      (x, h) -> (head(rnn(x, h)[0]), h_n): an rnn and a readout as one model.
+    batchify         one long sequence [N, ...] -> B contiguous streams [N // B, B, ...].
+
+Both drivers yield `Chunk(x, target, h)` and follow one protocol: run the model on `chunk.x`
+from `chunk.h`, then hand its final state back with `driver.carry(h_n)` (the stateless driver
+ignores it). Chunks are time-major ([k, B, ...]) unless the driver is built with
+batch_first=True ([B, k, ...]), matching the module's own `batch_first`.
+"""
+import math
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Chunk", "batchify", "StatefulTBPTT", "StatelessTBPTT", "RNNWithHead", "train_tbptt"]
+
+# A recurrent state: a tensor whose dim -2 is the batch (nn.RNN's [L*D, B, H], or [B, H]),
+# a tuple of such tensors (nn.LSTM's (h, c)), or None for "zeros" (what nn.RNN & co. accept).
+State = Union[None, Tensor, tuple]
+
+
+class Chunk(NamedTuple):
+    """One truncation unit: the model runs on x from state h, the loss compares with target.
+
+    x: [k, B, ...] (or [B, k, ...] with batch_first), target: the same layout,
+    h: the initial state (None means zeros).
+    """
+    x: Tensor
+    target: Tensor
+    h: State
+
+
+def batchify(sequence: Tensor, num_streams: int) -> Tensor:
+    """Cuts one sequence [N, ...] into B = num_streams contiguous streams [N // B, B, ...].
+
+    Stream b is the b-th contiguous piece sequence[b * L : (b + 1) * L], L = N // B; the last
+    N - B * L steps are dropped. Time-major, like the chunks of StatefulTBPTT.
+    """
+    if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
+        raise ValueError(f"batchify: num_streams must be an int >= 1, but got {num_streams!r}")
+    if sequence.dim() < 1:
+        raise ValueError("batchify: expected a sequence [N, ...], but got a 0-d tensor")
+    n = sequence.shape[0]
+    if num_streams > n:
+        raise ValueError(f"batchify: cannot cut a sequence of length {n} into {num_streams} "
+                         f"streams (at most {n}, one step each)")
+    length = n // num_streams
+    streams = sequence[:length * num_streams].reshape(num_streams, length, *sequence.shape[1:])
+    return streams.transpose(0, 1)
+
+
+def _map_state(fn: Callable[[Tensor], Tensor], h: State) -> State:
+    if h is None:
+        return None
+    if isinstance(h, Tensor):
+        return fn(h)
+    if isinstance(h, (tuple, list)):
+        return type(h)(_map_state(fn, part) for part in h)
+    raise TypeError(f"a recurrent state must be a Tensor, a tuple of Tensors or None, but got "
+                    f"{type(h).__name__}")
+
+
+def _state_tensors(h: State) -> List[Tensor]:
+    if h is None:
+        return []
+    if isinstance(h, Tensor):
+        return [h]
+    return [t for part in h for t in _state_tensors(part)]
+
+
+def _check_k(k, who: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{who}: the chunk length k must be an int >= 1 (a number of time "
+                         f"steps, not a number of chunks), but got {k!r}")
+
+
+class StatefulTBPTT:
+    """Consecutive chunks of B contiguous streams; the state crosses chunk boundaries detached.
+
+    Args:
+        x, target: the input and target streams [T, B, ...] (batch_first: [B, T, ...]); or, with
+            `num_streams`, one long sequence each, [N, ...], cut by `batchify` into that many
+            streams. x and target must have the same length (their feature shapes may differ,
+            e.g. target [N] of class indices).
+        k: chunk length in time steps. The last chunk is shorter when k does not divide T,
+            unless drop_last=True drops it.
+        num_streams: B, when x and target are single sequences to batchify.
+        batch_first: yield [B, k, ...] chunks, for modules built with batch_first=True.
+
+    Protocol: for each chunk run `y, h_n = model(chunk.x, chunk.h)` and call `carry(h_n)`; the
+    next chunk's h is h_n.detach(). `reset()` zeroes the state of all streams, `reset(streams)`
+    of some (an index list, a LongTensor or a bool mask [B]), e.g. at a document boundary; do
+    it between chunks. Iterating again starts from the first chunk and a zero state.
+
+    Example::
+
+        rnn = FusedRNN(1, 64)
+        model = RNNWithHead(rnn, nn.Linear(64, 1))
+        driver = StatefulTBPTT(x, target, k=32, num_streams=16)     # x, target: [N, 1]
+        for chunk in driver:
+            pred, h_n = model(chunk.x, chunk.h)
+            loss = F.mse_loss(pred, chunk.target)
+            opt.zero_grad(); loss.backward(); opt.step()
+            driver.carry(h_n)
+    """
+
+    def __init__(self, x: Tensor, target: Tensor, k: int, num_streams: Optional[int] = None, *,
+                 batch_first: bool = False, drop_last: bool = False) -> None:
+        who = "StatefulTBPTT"
+        _check_k(k, who)
+        if num_streams is not None:
+            if x.dim() < 1 or target.dim() < 1 or x.shape[0] != target.shape[0]:
+                raise ValueError(f"{who}: x and target must be sequences of the same length "
+                                 f"(dim 0), but got x {tuple(x.shape)} and target "
+                                 f"{tuple(target.shape)}")
+            x, target = batchify(x, num_streams), batchify(target, num_streams)
+            if batch_first:
+                x, target = x.transpose(0, 1), target.transpose(0, 1)
+        else:
+            if x.dim() < 2 or target.dim() < 2:
+                raise ValueError(f"{who}: without num_streams, x and target must be streams "
+                                 f"{'[B, T, ...]' if batch_first else '[T, B, ...]'}, but got x "
+                                 f"{tuple(x.shape)} and target {tuple(target.shape)}; pass "
+                                 f"num_streams=B to cut one long sequence into B streams")
+            if x.shape[:2] != target.shape[:2]:
+                raise ValueError(f"{who}: x and target must have the same length and number of "
+                                 f"streams (their first two dims), but got x {tuple(x.shape)} "
+                                 f"and target {tuple(target.shape)}")
+        self._time_dim = 1 if batch_first else 0
+        self.x, self.target, self.k, self.drop_last = x, target, k, drop_last
+        self.length = x.shape[self._time_dim]
+        self.num_streams = x.shape[1 - self._time_dim]
+        if self.length < k:
+            raise ValueError(f"{who}: the streams are {self.length} steps long, shorter than "
+                             f"the chunk length k={k}; use k <= {self.length} or fewer streams")
+        self.state: State = None
+        self._awaiting_carry = False
+
+    def __len__(self) -> int:
+        return self.length // self.k if self.drop_last else math.ceil(self.length / self.k)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        self.reset()
+        for index in range(len(self)):
+            if self._awaiting_carry:
+                raise RuntimeError(f"StatefulTBPTT: carry(h_n) was not called after chunk "
+                                   f"{index - 1}; call it with the model's final state after "
+                                   f"every chunk (or reset() to start the streams over)")
+            start = index * self.k
+            x = self.x.narrow(self._time_dim, start, min(self.k, self.length - start))
+            target = self.target.narrow(self._time_dim, start, x.shape[self._time_dim])
+            self._awaiting_carry = True
+            yield Chunk(x, target, self.state)
+        self._awaiting_carry = False
+
+    def carry(self, h_n: State) -> None:
+        """Keeps h_n, detached, as the initial state of the next chunk."""
+        for t in _state_tensors(h_n):
+            if t.dim() < 2 or t.shape[-2] != self.num_streams:
+                raise ValueError(f"StatefulTBPTT.carry: expected a state with the "
+                                 f"{self.num_streams} streams at dim -2 (e.g. [layers, B, H]), "
+                                 f"but got shape {tuple(t.shape)}")
+        self.state = _map_state(Tensor.detach, h_n)
+        self._awaiting_carry = False
+
+    def reset(self, streams=None) -> None:
+        """Zeroes the state of all streams (streams=None) or of the given ones.
+
+        A full reset may replace carry() after a chunk; a partial one edits the carried state,
+        so call it after carry().
+        """
+        if streams is None:
+            self.state = None
+            self._awaiting_carry = False
+            return
+        index = torch.as_tensor(streams)
+        if index.dtype == torch.bool:
+            if index.shape != (self.num_streams,):
+                raise ValueError(f"StatefulTBPTT.reset: a bool mask must have shape "
+                                 f"({self.num_streams},), but got {tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        index = index.flatten().long()
+        if index.numel() and (index.min() < -self.num_streams or
+                              index.max() >= self.num_streams):
+            raise IndexError(f"StatefulTBPTT.reset: stream indices must be in "
+                             f"[0, {self.num_streams}), but got {index.tolist()}")
+
+        def zero_rows(t: Tensor) -> Tensor:
+            # A copy: the carried tensor may still be the saved output of the last chunk's graph.
+            t = t.clone()
+            t.index_fill_(t.dim() - 2, index.to(t.device) % self.num_streams, 0)
+            return t
+        self.state = _map_state(zero_rows, self.state)
+
+
+class StatelessTBPTT:
+    """Mini-batches of B windows of length k at random places, each from a fresh zero state.
+
+    Args:
+        x, target: one sequence [N, ...] each, or lists of sequences [N_i, ...] (lengths may
+            differ between sequences; x[i] and target[i] must have the same length).
+        k: window length in time steps; every sequence must be at least k long.
+        batch_size: B, windows per mini-batch (drawn independently, with replacement).
+        num_batches: mini-batches per pass over the driver.
+        generator: a torch.Generator or an int seed (None: a seed drawn from torch's global
+            RNG). Passes draw on from it: the same seed gives the same sequence of passes.
+        batch_first: yield [B, k, ...] chunks instead of [k, B, ...].
+
+    Every window start is equally likely: a window is a uniform draw among all the
+    sum_i (N_i - k + 1) windows of all sequences. chunk.h is always None (zeros), and carry()
+    ignores its argument, so the same loop serves both drivers.
+    """
+
+    def __init__(self, x: Union[Tensor, Sequence[Tensor]], target: Union[Tensor, Sequence[Tensor]],
+                 k: int, batch_size: int, num_batches: int, *,
+                 generator: Union[None, int, torch.Generator] = None,
+                 batch_first: bool = False) -> None:
+        who = "StatelessTBPTT"
+        _check_k(k, who)
+        for name, value in (("batch_size", batch_size), ("num_batches", num_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{who}: {name} must be an int >= 1, but got {value!r}")
+        xs = [x] if isinstance(x, Tensor) else list(x)
+        targets = [target] if isinstance(target, Tensor) else list(target)
+        if len(xs) != len(targets) or not xs:
+            raise ValueError(f"{who}: expected as many target sequences as input sequences "
+                             f"(at least one), but got {len(xs)} and {len(targets)}")
+        for i, (xi, ti) in enumerate(zip(xs, targets)):
+            if xi.dim() < 1 or ti.dim() < 1 or xi.shape[0] != ti.shape[0]:
+                raise ValueError(f"{who}: sequence {i}: x and target must have the same length "
+                                 f"(dim 0), but got x {tuple(xi.shape)} and target "
+                                 f"{tuple(ti.shape)}")
+            if xi.shape[0] < k:
+                raise ValueError(f"{who}: sequence {i} is {xi.shape[0]} steps long, shorter than "
+                                 f"the window length k={k}")
+            if xi.shape[1:] != xs[0].shape[1:] or ti.shape[1:] != targets[0].shape[1:]:
+                raise ValueError(f"{who}: sequence {i} has feature shape x {tuple(xi.shape[1:])}"
+                                 f", target {tuple(ti.shape[1:])}, but sequence 0 has x "
+                                 f"{tuple(xs[0].shape[1:])}, target {tuple(targets[0].shape[1:])}")
+        self.x, self.target, self.k = xs, targets, k
+        self.batch_size, self.num_batches, self.batch_first = batch_size, num_batches, batch_first
+        if generator is None:               # seeded from the global RNG: torch.manual_seed rules
+            generator = int(torch.randint(2 ** 62, (), dtype=torch.int64))
+        if isinstance(generator, int):
+            generator = torch.Generator().manual_seed(generator)
+        self.generator = generator
+        # Window w of all sequences: sequence = searchsorted(offsets, w), start = w - offset.
+        counts = torch.tensor([xi.shape[0] - k + 1 for xi in xs])
+        self._offsets = torch.cumsum(counts, 0) - counts
+        self._num_windows = int(counts.sum())
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def sample_windows(self):
+        """Draws one mini-batch: (sequence index [B], start [B]) LongTensors."""
+        w = torch.randint(self._num_windows, (self.batch_size,), generator=self.generator)
+        sequence = torch.searchsorted(self._offsets, w, right=True) - 1
+        return sequence, w - self._offsets[sequence]
+
+    def __iter__(self) -> Iterator[Chunk]:
+        dim = 0 if self.batch_first else 1
+        for _ in range(self.num_batches):
+            sequence, start = self.sample_windows()
+            pairs = [(self.x[s][b:b + self.k], self.target[s][b:b + self.k])
+                     for s, b in zip(sequence.tolist(), start.tolist())]
+            x = torch.stack([p[0] for p in pairs], dim)
+            target = torch.stack([p[1] for p in pairs], dim)
+            yield Chunk(x, target, None)
+
+    def carry(self, h_n: State) -> None:
+        """Does nothing: every window starts from zeros."""
+
+
+class RNNWithHead(nn.Module):
+    """An rnn `(x, h) -> (y, h_n)` and a readout `head(y)` as one model `(x, h) -> (pred, h_n)`.
+
+    Example::
+
+        model = RNNWithHead(FusedRNN(1, 64), nn.Linear(64, 1))
+        pred, h_n = model(x, None)            # x: [T, B, 1] -> pred: [T, B, 1]
+    """
+
+    def __init__(self, rnn: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.rnn, self.head = rnn, head
+
+    def forward(self, x: Tensor, h: State = None):
+        y, h_n = self.rnn(x, h)
+        return self.head(y), h_n
+
+
+def train_tbptt(model: Callable, driver, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                optimizer: torch.optim.Optimizer, *, head: Optional[Callable] = None,
+                clip_grad_norm: Optional[float] = None,
+                on_chunk: Optional[Callable[[int, float], None]] = None) -> List[float]:
+    """One pass over `driver` (StatefulTBPTT or StatelessTBPTT): one optimizer step per chunk.
+
+    For each chunk: pred, h_n = model(chunk.x, chunk.h) (pred = head(y) when `head` is given),
+    loss = loss_fn(pred, chunk.target), backward, clip the gradient norm of the optimizer's
+    parameters to `clip_grad_norm` (if set), optimizer.step(), driver.carry(h_n).
+    `on_chunk(index, loss)` is called after each step (progress, logging).
+    Returns the per-chunk losses.
+
+    `model` is any callable (x, h) -> (pred, h_n): an RNNWithHead, or a bare rnn plus `head`.
+
+    Example::
+
+        rnn, head = FusedRNN(1, 64), nn.Linear(64, 1)
+        opt = torch.optim.Adam([*rnn.parameters(), *head.parameters()], lr=3e-3)
+        driver = StatefulTBPTT(x, target, k=32, num_streams=16)
+        losses = train_tbptt(rnn, driver, F.mse_loss, opt, head=head, clip_grad_norm=1.0)
+    """
+    if head is not None:
+        rnn = model
+
+        def model(x, h):
+            y, h_n = rnn(x, h)
+            return head(y), h_n
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    losses = []
+    for index, chunk in enumerate(driver):
+        pred, h_n = model(chunk.x, chunk.h)
+        loss = loss_fn(pred, chunk.target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        optimizer.step()
+        driver.carry(h_n)
+        losses.append(loss.item())
+        if on_chunk is not None:
+            on_chunk(index, losses[-1])
+    return losses

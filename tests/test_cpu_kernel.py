@@ -1,0 +1,160 @@
+"""The C++ CPU kernels (csrc/cpu) on their own: every code path against the float64 reference,
+thread-count independence, bitwise determinism and edge shapes.
+
+Paths, chosen through environment variables the ops read on every call:
+    FUSED_BPTT_CPU_GEMM = auto | aten | blas
+        aten: big GEMMs through ATen, recurrence by the hand-written kernel (a torch without BLAS)
+        blas: every step through the BLAS GEMM + the fused elementwise pass (the large-H path)
+    FUSED_BPTT_CPU_ISA = avx512 | avx2 | sse2 caps the instruction set of the step kernel.
+"""
+import pytest
+import torch
+
+from fused_bptt import _ops, reference
+
+from conftest import assert_close, make_layer_inputs
+
+pytestmark = pytest.mark.skipif(not _ops.has_kernel("CPU"),
+                                reason="fused_bptt._C with CPU kernels is not built")
+
+ops = torch.ops.fused_bptt if _ops.loaded() else None
+
+GEMM_MODES = ["auto", "aten", "blas"]
+# The instruction sets this CPU can run, widest first (torch names its own dispatch level).
+_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+ISAS = {"AVX512": ["avx512", "avx2", "sse2"], "AVX2": ["avx2", "sse2"]}.get(_CAPABILITY, ["sse2"])
+
+# (T, B, I, H): T = 1 and B = 1, I != H, and H around the vector widths (4/8/16 lanes, column
+# blocks of 8..64) so that full tiles, single vectors and scalar tail columns all run.
+SHAPES = [(1, 1, 1, 1), (1, 3, 5, 17), (4, 1, 3, 65), (6, 5, 17, 3), (3, 6, 65, 17),
+          (5, 4, 8, 33), (3, 9, 4, 70)]
+# Big enough (T * B * H * H >= 2^18, B = 2 register tiles) for the recurrence to split its batch
+# rows over two threads; H = 130 > 128 also runs the k-chunked tiles.
+PARALLEL_SHAPE = (5, 8, 7, 130)
+
+
+def run_ops(inputs, relu, grad_seed=1):
+    """y and the five gradients from the compiled ops, for a fixed random grad_y."""
+    x, h0, w_ih, w_hh, b_ih, b_hh = inputs
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+    g = torch.Generator().manual_seed(grad_seed)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    return (y, *ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, relu)), grad_y
+
+
+def run_reference(inputs, relu, grad_y):
+    """The same in float64 through fused_bptt.reference, from the same (rounded) inputs."""
+    x, h0, w_ih, w_hh, b_ih, b_hh = [None if t is None else t.double() for t in inputs]
+    y = reference.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+    return (y, *reference.rnn_backward(grad_y.double(), x, h0, w_ih, w_hh, y, relu))
+
+
+NAMES = ("y", "dx", "dh0", "dW_ih", "dW_hh", "db")
+
+
+def check_against_reference(shape, dtype, relu, bias):
+    inputs = make_layer_inputs(*shape, dtype, bias=bias)
+    got, grad_y = run_ops(inputs, relu)
+    want = run_reference(inputs, relu, grad_y)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close(a, b, dtype, name=f"{name} {shape} relu={relu}")
+
+
+@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_matches_reference(monkeypatch, mode, shape, relu, dtype):
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
+    check_against_reference(shape, dtype, relu, bias=True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_every_instruction_set(monkeypatch, isa, relu, dtype):
+    monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
+    for shape in [(4, 5, 3, 70), PARALLEL_SHAPE]:
+        check_against_reference(shape, dtype, relu, bias=True)
+
+
+def test_without_bias(dtype):
+    check_against_reference((4, 3, 6, 17), dtype, relu=False, bias=False)
+
+
+def test_one_bias_only():
+    x, h0, w_ih, w_hh, b_ih, _ = make_layer_inputs(3, 2, 4, 5, torch.float64)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, None, b_ih, False)
+    assert_close(y, reference.rnn_forward(x, h0, w_ih, w_hh, None, b_ih, False), name="y")
+
+
+def test_non_contiguous_inputs():
+    """Strided views (sliced from wider tensors, transposed) give the contiguous results."""
+    T, B, I, H = 4, 3, 5, 17
+    inputs = make_layer_inputs(T, B, I, H, torch.float64)
+    x, h0, w_ih, w_hh, b_ih, b_hh = inputs
+    x_s = torch.zeros(T, B, 2 * I, dtype=x.dtype)[:, :, ::2].copy_(x)
+    w_hh_t = w_hh.t().contiguous().t()
+    b_s = torch.zeros(2 * H, dtype=x.dtype)[1::2].copy_(b_ih)
+    y = ops.rnn_forward(x_s, h0, w_ih, w_hh_t, b_s, b_hh, False)
+    assert not x_s.is_contiguous() and not w_hh_t.is_contiguous()
+    assert_close(y, ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False), name="y")
+    grad_y = torch.randn(T, B, H, dtype=x.dtype).transpose(0, 1).contiguous().transpose(0, 1)
+    got = ops.rnn_backward(grad_y, x_s, h0, w_ih, w_hh_t, y, False)
+    want = ops.rnn_backward(grad_y.contiguous(), x, h0, w_ih, w_hh, y, False)
+    for name, a, b in zip(NAMES[1:], got, want):
+        assert_close(a, b, name=name)
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode", GEMM_MODES)
+def test_same_result_for_any_thread_count(monkeypatch, restore_threads, mode):
+    """One thread or two: float64 results agree to rounding (the recurrence itself bitwise)."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
+    inputs = make_layer_inputs(*PARALLEL_SHAPE, torch.float64)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(run_ops(inputs, relu=False)[0])
+    for name, a, b in zip(NAMES, *results):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", GEMM_MODES)
+def test_backward_is_deterministic(monkeypatch, mode):
+    """Two backward calls on the same inputs give the same bits."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*PARALLEL_SHAPE, torch.float32)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    grad_y = torch.randn_like(y)
+    first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+    second = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+    for name, a, b in zip(NAMES[1:], first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+
+
+def test_tanh_saturates_and_relu_propagates_nan():
+    """Large pre-activations give exactly +-1 (the float32 tanh is an approximation); relu(NaN)
+    is NaN as in torch.relu."""
+    x = torch.tensor([[[40.0]], [[-40.0]]])
+    h0, w = torch.zeros(1, 1), torch.ones(1, 1)
+    y = ops.rnn_forward(x, h0, w, torch.zeros(1, 1), None, None, False)
+    assert y.flatten().tolist() == [1.0, -1.0]
+    y = ops.rnn_forward(torch.full((1, 1, 1), float("nan")), h0, w, w, None, None, True)
+    assert torch.isnan(y).all()
+
+
+def test_rejects_unknown_switch_values(monkeypatch):
+    x, h0, w_ih, w_hh, _, _ = make_layer_inputs(2, 2, 3, 4, torch.float32, bias=False)
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", "mkl")
+    with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_GEMM must be one of auto, aten, blas"):
+        ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", "auto")
+    monkeypatch.setenv("FUSED_BPTT_CPU_ISA", "avx9000")
+    with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_ISA must be avx512, avx2 or sse2"):
+        ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)

@@ -1,0 +1,208 @@
+"""FusedRNN as a drop-in for torch.nn.RNN: numbers, parameters, state_dict, validation, dropout,
+and the swap helper."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fused_bptt
+from fused_bptt import FusedRNN, swap_rnn
+from conftest import assert_close
+
+BACKENDS = [b for b in fused_bptt.available_backends()]
+CONFIGS = list(itertools.product([1, 2], [True, False], [False, True], [False, True],
+                                 ["tanh", "relu"]))
+
+
+def _config_id(c):
+    layers, bias, batch_first, bidir, nl = c
+    return f"L{layers}-{'bias' if bias else 'nobias'}-{'bf' if batch_first else 'tm'}-" \
+           f"{'bi' if bidir else 'uni'}-{nl}"
+
+
+def _pair(dtype=torch.float64, device="cpu", backend="auto", seed=0, **config):
+    torch.manual_seed(seed)
+    ref = nn.RNN(dtype=dtype, device=device, **config)
+    fused = FusedRNN.from_rnn(ref, backend=backend)
+    return ref, fused
+
+
+def _grads(module, x, h0, gy, ghn):
+    x = x.detach().clone().requires_grad_()
+    h0 = h0.detach().clone().requires_grad_()
+    out, hn = module(x, h0)
+    params = list(module.parameters())
+    grads = torch.autograd.grad((out * gy).sum() + (hn * ghn).sum(), [x, h0] + params)
+    return out, hn, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_matches_nn_rnn_float64(config, backend):
+    layers, bias, batch_first, bidir, nl = config
+    device = "cuda" if backend == "cuda" else "cpu"
+    ref, fused = _pair(torch.float64, device, backend, input_size=3, hidden_size=5,
+                       num_layers=layers, nonlinearity=nl, bias=bias, batch_first=batch_first,
+                       bidirectional=bidir)
+    T, B, D = 7, 4, 2 if bidir else 1
+    g = torch.Generator().manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
+
+    x = randn(B, T, 3) if batch_first else randn(T, B, 3)
+    h0 = randn(layers * D, B, 5)
+    gy = randn(*x.shape[:2], 5 * D)
+    ghn = randn(layers * D, B, 5)
+    out_r, hn_r, g_r = _grads(ref, x, h0, gy, ghn)
+    out_f, hn_f, g_f = _grads(fused, x, h0, gy, ghn)
+    assert out_f.shape == out_r.shape and hn_f.shape == hn_r.shape
+    assert_close(out_f, out_r, name="output")
+    assert_close(hn_f, hn_r, name="h_n")
+    names = ["input", "hx"] + [n for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names, g_f, g_r):
+        assert_close(a, b, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_nn_rnn_float32(backend):
+    device = "cuda" if backend == "cuda" else "cpu"
+    ref, fused = _pair(torch.float32, device, backend, input_size=16, hidden_size=32,
+                       num_layers=2, bidirectional=True)
+    x = torch.randn(20, 6, 16, device=device)
+    h0 = torch.zeros(4, 6, 32, device=device)
+    gy, ghn = torch.randn(20, 6, 64, device=device), torch.randn(4, 6, 32, device=device)
+    out_r, hn_r, g_r = _grads(ref, x, h0, gy, ghn)
+    out_f, hn_f, g_f = _grads(fused, x, h0, gy, ghn)
+    assert_close(out_f, out_r, name="output")
+    assert_close(hn_f, hn_r, name="h_n")
+    for a, b in zip(g_f, g_r):
+        assert_close(a, b)
+
+
+def test_same_parameters_and_initialisation_as_nn_rnn():
+    config = dict(input_size=4, hidden_size=6, num_layers=3, bidirectional=True, bias=True)
+    torch.manual_seed(123)
+    ref = nn.RNN(**config)
+    torch.manual_seed(123)
+    fused = FusedRNN(**config)
+    assert isinstance(fused, nn.RNN)
+    ref_params, fused_params = list(ref.named_parameters()), list(fused.named_parameters())
+    assert [n for n, _ in fused_params] == [n for n, _ in ref_params]
+    for (name, a), (_, b) in zip(fused_params, ref_params):
+        assert a.shape == b.shape and torch.equal(a, b), name
+
+
+def test_state_dict_round_trips_both_ways():
+    config = dict(input_size=3, hidden_size=4, num_layers=2, nonlinearity="relu")
+    ref, fused = nn.RNN(**config), FusedRNN(**config)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3)
+    assert_close(fused(x)[0], ref(x)[0], torch.float32)
+    back = nn.RNN(**config)
+    back.load_state_dict(FusedRNN.from_rnn(ref).state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.parameters(), ref.parameters()))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input(batch_first):
+    ref, fused = _pair(input_size=3, hidden_size=4, num_layers=2, batch_first=batch_first)
+    x, h0 = torch.randn(6, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    for args in ((x,), (x, h0)):
+        (out_r, hn_r), (out_f, hn_f) = ref(*args), fused(*args)
+        assert out_f.shape == out_r.shape == (6, 4) and hn_f.shape == hn_r.shape == (2, 4)
+        assert_close(out_f, out_r)
+        assert_close(hn_f, hn_r)
+
+
+def test_validation_matches_nn_rnn():
+    """Bad input raises the same error class with nn.RNN's message (expected vs got)."""
+    ref, fused = _pair(torch.float32, input_size=3, hidden_size=4, num_layers=1)
+    cases = [
+        (torch.randn(5, 2, 4),),                          # wrong input size
+        (torch.randn(5, 2, 3, 1),),                       # 4-D input
+        (torch.randn(5, 2, 3), torch.randn(1, 3, 4)),     # hidden batch mismatch
+        (torch.randn(5, 2, 3), torch.randn(2, 4)),        # 2-D hx for batched input
+        (torch.randn(5, 3), torch.randn(1, 1, 4)),        # 3-D hx for unbatched input
+        (torch.randn(5, 2, 3, dtype=torch.float64),),     # dtype mismatch
+        (torch.randn(0, 2, 3),),                          # no time steps
+    ]
+    for args in cases:
+        with pytest.raises(Exception) as expected:
+            ref(*args)
+        with pytest.raises(type(expected.value)) as got:
+            fused(*args)
+        assert str(got.value) == str(expected.value)
+
+
+def test_packed_sequence_raises_clearly():
+    fused = FusedRNN(3, 4)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        fused(packed)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="backend must be one of .* but got 'fast'"):
+        FusedRNN(3, 4, backend="fast")
+    with pytest.raises(ValueError):
+        FusedRNN(3, 4, nonlinearity="sigmoid")
+
+
+def test_dropout_between_layers_in_training():
+    """Training: dropout on every layer's output but the last, drawn like F.dropout; eval: none."""
+    fused = FusedRNN(3, 5, num_layers=3, dropout=0.5).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    torch.manual_seed(7)
+    out, hn = fused(x)
+    torch.manual_seed(7)
+    h, finals = x, []
+    for layer in range(3):
+        p = [getattr(fused, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih",
+                                                        "bias_hh")]
+        y = fused_bptt.reference.rnn_forward(h, torch.zeros(2, 5, dtype=x.dtype), *p)
+        finals.append(y[-1])
+        h = nn.functional.dropout(y, 0.5, training=True) if layer < 2 else y
+    assert_close(out, h)
+    assert_close(hn, torch.stack(finals))
+    fused.eval()
+    ref = nn.RNN(3, 5, num_layers=3, dropout=0.5).double().eval()
+    ref.load_state_dict(fused.state_dict())
+    assert_close(fused(x)[0], ref(x)[0])
+
+
+def test_flatten_parameters_is_a_no_op_and_to_works():
+    fused = FusedRNN(3, 4, num_layers=2)
+    before = [p.data_ptr() for p in fused.parameters()]
+    fused.flatten_parameters()
+    assert [p.data_ptr() for p in fused.parameters()] == before
+    fused = fused.double()
+    assert fused(torch.randn(2, 1, 3, dtype=torch.float64))[0].dtype == torch.float64
+    assert "backend='auto'" in repr(fused)
+
+
+def test_swap_rnn_replaces_every_nn_rnn_with_same_weights():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.RNN(3, 8, num_layers=2, batch_first=True)
+            self.blocks = nn.Sequential(nn.RNN(8, 4, bidirectional=True, batch_first=True))
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x):
+            h, _ = self.encoder(x)
+            h, _ = self.blocks[0](h)
+            return self.head(h)
+
+    model = Model()
+    x = torch.randn(2, 9, 3)
+    expected = model(x)
+    swapped = swap_rnn(model)
+    assert swapped is model
+    assert type(model.encoder) is FusedRNN and type(model.blocks[0]) is FusedRNN
+    assert_close(model(x), expected, torch.float32)
+    single = swap_rnn(nn.RNN(2, 3))
+    assert type(single) is FusedRNN
+    with pytest.raises(TypeError, match="expects a torch.nn.RNN, but got Linear"):
+        FusedRNN.from_rnn(nn.Linear(2, 3))

@@ -1,0 +1,152 @@
+"""Every compiled backend against the reference: y, h_n and every gradient; gradcheck; opcheck;
+non-contiguous inputs; bad input; what is saved for backward."""
+import pytest
+import torch
+
+import fused_bptt
+from fused_bptt import _ops, reference
+from fused_bptt.function import rnn_layer
+from conftest import assert_close, compiled_backends, device_of, make_layer_inputs
+
+BACKENDS = compiled_backends()
+SHAPES = [(1, 1, 1, 1), (1, 3, 4, 5), (5, 2, 3, 4), (17, 5, 7, 33), (40, 3, 16, 70)]
+NAMES = ["dx", "dh0", "dW_ih", "dW_hh", "db_ih", "db_hh"]
+
+
+def test_cpp_backend_is_loaded():
+    """Fails when the extension did not build or load: the cpp backend is expected everywhere."""
+    assert _ops.loaded(), f"fused_bptt._C did not load: {_ops.LOAD_ERROR}"
+    assert "cpp" in fused_bptt.available_backends()
+    assert fused_bptt.available_backends()[-1] == "reference"
+
+
+def _loss_and_grads(backend, x, h0, w_ih, w_hh, b_ih, b_hh, relu, gy, ghn):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
+              if t is not None]
+    args = leaves if b_ih is not None else leaves + [None, None]
+    y, hn = rnn_layer(*args, relu=relu, backend=backend)
+    grads = torch.autograd.grad((y * gy).sum() + (hn * ghn).sum(), leaves)
+    return y, hn, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("T,B,I,H", SHAPES)
+def test_backend_matches_reference(backend, dtype, T, B, I, H, bias, relu):
+    device = device_of(backend)
+    inputs = make_layer_inputs(T, B, I, H, dtype, device, bias=bias, seed=T * 100 + H)
+    g = torch.Generator().manual_seed(1)
+    gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    ghn = torch.randn(B, H, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    y, hn, grads = _loss_and_grads(backend, *inputs, relu, gy, ghn)
+    # The oracle runs in float64 on the very same (possibly float32-rounded) numbers.
+    up = [t.double() if t is not None else None for t in inputs]
+    y_ref, hn_ref, grads_ref = _loss_and_grads("reference", *up, relu, gy.double(), ghn.double())
+    assert y.dtype == dtype and y.device.type == device
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(hn, hn_ref, dtype, "h_n")
+    for name, a, b in zip(NAMES, grads, grads_ref):
+        assert a.dtype == dtype, name
+        assert_close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_raw_ops_match_reference(backend, relu):
+    device = device_of(backend)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(6, 3, 4, 5, torch.float64, device)
+    y = torch.ops.fused_bptt.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+    assert_close(y, reference.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu), name="y")
+    gy = torch.randn_like(y)
+    got = torch.ops.fused_bptt.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu)
+    want = reference.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu)
+    for name, a, b in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], got, want):
+        assert_close(a, b, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Strided views (sliced out of wider tensors, transposed) give the contiguous answer."""
+    device = device_of(backend)
+    T, B, I, H = 6, 3, 4, 5
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, torch.float64, device)
+    wide_x = torch.zeros(T, B, 2 * I, dtype=x.dtype, device=device)
+    wide_x[:, :, ::2] = x
+    x_strided = wide_x[:, :, ::2]
+    batch_major = x.transpose(0, 1).contiguous().transpose(0, 1)
+    w_hh_t = w_hh.t().contiguous().t()
+    wide_b = torch.stack([b_ih, b_hh], 1)
+    for xs in (x_strided, batch_major):
+        assert not xs.is_contiguous()
+        args = (xs, h0, w_ih, w_hh_t, wide_b[:, 0], wide_b[:, 1])
+        y, hn = rnn_layer(*args, backend=backend)
+        y_ref, hn_ref = rnn_layer(*args, backend="reference")
+        assert_close(y, y_ref, name="y")
+        gy = torch.randn(B, T, H, dtype=x.dtype, device=device).transpose(0, 1)  # strided grad
+        got = torch.ops.fused_bptt.rnn_backward(gy, xs, h0, w_ih, w_hh_t, y, False)
+        want = reference.rnn_backward(gy, x, h0, w_ih, w_hh, y_ref, False)
+        for name, a, b in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], got, want):
+            assert_close(a, b, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_gradcheck(backend, relu):
+    inputs = [t.requires_grad_() for t in make_layer_inputs(
+        4, 2, 3, 3, torch.float64, device_of(backend), seed=3)]
+    if relu:  # keep z away from relu's kink, where finite differences are meaningless
+        inputs[4].data += 0.5
+    assert torch.autograd.gradcheck(
+        lambda *a: rnn_layer(*a, relu=relu, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_opcheck(backend, bias, dtype):
+    device = device_of(backend)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(5, 3, 4, 6, dtype, device, bias=bias)
+    fwd_args = (x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    torch.library.opcheck(torch.ops.fused_bptt.rnn_forward.default, fwd_args)
+    y = torch.ops.fused_bptt.rnn_forward(*fwd_args)
+    torch.library.opcheck(torch.ops.fused_bptt.rnn_backward.default,
+                          (torch.randn_like(y), x, h0, w_ih, w_hh, y, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_one_hidden_sized_tensor(backend):
+    """Saved for backward: x, h0, the two weights and y itself, nothing else of size [T, B, H]."""
+    device = device_of(backend)
+    inputs = [t.requires_grad_() for t in make_layer_inputs(8, 4, 3, 5, torch.float32, device)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, _ = rnn_layer(*inputs, backend=backend)
+    storages = {t.untyped_storage().data_ptr(): t for t in saved}
+    hidden_sized = [t for t in storages.values() if t.numel() == y.numel()]
+    assert len(hidden_sized) == 1 and hidden_sized[0].untyped_storage().data_ptr() == \
+        y.untyped_storage().data_ptr()
+    total = sum(t.untyped_storage().nbytes() for t in storages.values())
+    x, h0, w_ih, w_hh = inputs[:4]
+    assert total == sum(t.numel() * t.element_size() for t in (x, h0, w_ih, w_hh, y))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_reject_bad_input(backend):
+    device = device_of(backend)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(4, 2, 3, 5, torch.float64, device)
+    op = torch.ops.fused_bptt.rnn_forward
+    cases = [
+        ((x[0], h0, w_ih, w_hh, b_ih, b_hh), "x must be 3-D"),
+        ((x, h0[:1], w_ih, w_hh, b_ih, b_hh), r"h0 must have shape \[2, 5\]"),
+        ((x, h0, w_ih[:, :2], w_hh, b_ih, b_hh), r"weight_ih must have shape \[5, 3\]"),
+        ((x, h0, w_ih, w_hh, b_ih[:4], b_hh), r"bias_ih must have shape \[5\]"),
+        ((x, h0.float(), w_ih, w_hh, b_ih, b_hh), "h0 must have dtype Double"),
+        ((x.int(), h0, w_ih, w_hh, b_ih, b_hh), "x must be float32 or float64"),
+        ((x[:0], h0, w_ih, w_hh, b_ih, b_hh), "at least one time step"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args, False)
+    y = op(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    with pytest.raises(RuntimeError, match=r"grad_y must have shape \[4, 2, 5\]"):
+        torch.ops.fused_bptt.rnn_backward(y[:3], x, h0, w_ih, w_hh, y, False)
