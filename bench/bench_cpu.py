@@ -28,9 +28,7 @@ import time
 
 import torch
 
-# Run from a source checkout: the package next to this folder (with its in-place build) wins.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fused_bptt  # noqa: E402
+import fused_bptt  # the installed package (pip install --no-build-isolation .), with its _C
 
 IMPLS = ("cpp", "ops", "reference", "nn")
 MODES = ("fwd", "fwd+bwd")
@@ -285,7 +283,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if "cpp" not in fused_bptt.available_backends():
         sys.exit("fused_bptt: the compiled CPU ops are not built; build them first "
-                 "(pip install --no-build-isolation -e .)")
+                 "(pip install --no-build-isolation .)")
     os.makedirs(args.out_dir, exist_ok=True)
     load_before = os.getloadavg()[0]
     gemm_n = 512 if args.quick else 2048

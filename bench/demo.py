@@ -420,11 +420,11 @@ def plot_recall(acc_ax, stream_ax, args, summary, rows, samples):
     stream_ax.plot(t[x != 0], x[x != 0], "kx", label="cue sign")
     stream_ax.plot(t[scored], target[scored], "ko", mfc="none", ms=9, label="target")
     stream_ax.axhline(0, color="gray", lw=0.5)
-    stream_ax.set_ylim(-1.6, 1.6)
+    stream_ax.set_ylim(-2.5, 1.6)                    # room for the legend below the points
+    stream_ax.set_yticks([-1, 0, 1])
     stream_ax.set_xlabel("time step")
-    stream_ax.set_title(f"delayed recall: a held-out stream, the predictions of the median-seed "
-                        f"runs at the target steps, L={args.recall_lag} after each cue "
-                        f"(clipped to +-1.5)", fontsize=8)
+    stream_ax.set_title("delayed recall: a held-out stream, median-seed predictions at the target "
+                        "steps (clipped to +-1.5)", fontsize=8)
     stream_ax.legend(fontsize=6, ncol=4, loc="lower center")
 
 

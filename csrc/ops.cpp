@@ -13,6 +13,7 @@ TORCH_LIBRARY(fused_bptt, m) {
 
 // `import fused_bptt._C` loads this shared library, which runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                      nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }

@@ -7,6 +7,7 @@
 Backends: "cuda" (CUDA tensors), "cpp" (CPU tensors), "reference" (pure PyTorch, any device/dtype).
 "auto" takes the first of available_backends() that runs the given tensors.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -19,8 +20,12 @@ BACKENDS = ("cuda", "cpp", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
+@functools.lru_cache(maxsize=None)
 def available_backends() -> Tuple[str, ...]:
-    """The backends that really work here, in preference order."""
+    """The backends that really work here, in preference order.
+
+    Computed once: the compiled kernels and the CUDA driver do not come and go within a process.
+    """
     found = []
     if _ops.has_kernel("CUDA") and torch.cuda.is_available():
         found.append("cuda")
@@ -68,10 +73,13 @@ def resolve_backend(backend: str, x: Tensor) -> str:
 
 
 class RNNLayerFunction(torch.autograd.Function):
-    """One layer, one direction, through the compiled ops.
+    """One layer, one direction, through the compiled ops; returns (y, h_n).
 
     Saved for backward: x, h0, the weights and y, the layer's own output (no extra [T, B, H]
     tensor: the nonlinearity's derivative and h_{t-1} are both read off y).
+    h_n is an output of its own (a copy of y[T-1], so a carried-over state does not keep the
+    chunk's y alive); its gradient is folded into grad_y[T-1] here, which is cheaper than
+    autograd's route through a select of y (a zero [T, B, H] tensor and a full add).
     """
 
     @staticmethod
@@ -80,12 +88,23 @@ class RNNLayerFunction(torch.autograd.Function):
         ctx.save_for_backward(x, h0, weight_ih, weight_hh, y)
         ctx.relu = relu
         ctx.bias_given = (bias_ih is not None, bias_hh is not None)
-        return y
+        ctx.set_materialize_grads(False)
+        return y, y[-1].clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_h_n):
         x, h0, weight_ih, weight_hh, y = ctx.saved_tensors
+        if grad_y is None and grad_h_n is None:
+            return (None,) * 7
+        if grad_h_n is not None:
+            if grad_y is None:
+                grad_y = torch.zeros_like(y)
+            elif grad_y.is_contiguous():
+                grad_y = grad_y.clone()      # not ours to modify
+            else:
+                grad_y = grad_y.contiguous()  # already a fresh copy (e.g. the expanded grad of sum())
+            grad_y[-1] += grad_h_n
         dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_bptt.rnn_backward(
             grad_y, x, h0, weight_ih, weight_hh, y, ctx.relu)
         has_ih, has_hh = ctx.bias_given
@@ -130,10 +149,9 @@ def rnn_layer(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     """One layer of a tanh (or relu) RNN over a whole chunk; returns (y [T,B,H], h_n [B,H])."""
     _check_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     name = resolve_backend(backend, x)
-    if name == "reference":
-        y = reference.rnn_forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
-    else:
-        y = RNNLayerFunction.apply(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
+    if name != "reference":
+        return RNNLayerFunction.apply(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
+    y = reference.rnn_forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
     # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
     return y, y[-1].clone()
 

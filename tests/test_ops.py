@@ -150,3 +150,20 @@ def test_ops_reject_bad_input(backend):
     y = op(x, h0, w_ih, w_hh, b_ih, b_hh, False)
     with pytest.raises(RuntimeError, match=r"grad_y must have shape \[4, 2, 5\]"):
         torch.ops.fused_bptt.rnn_backward(y[:3], x, h0, w_ih, w_hh, y, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", ["y", "h_n", "y[-1] and h_n"])
+def test_gradients_when_only_some_outputs_are_used(backend, used):
+    """grad_y or grad_h_n may be absent (None) in backward; both feed dz_{T-1} when present."""
+    inputs = make_layer_inputs(5, 3, 4, 6, torch.float64, device_of(backend))
+
+    def grads(name):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        y, hn = rnn_layer(*leaves, backend=name)
+        loss = {"y": (y * y).sum(), "h_n": (hn * hn).sum(),
+                "y[-1] and h_n": (y[-1] * hn).sum()}[used]
+        return torch.autograd.grad(loss, leaves)
+
+    for name, a, b in zip(NAMES, grads(backend), grads("reference")):
+        assert_close(a, b, name=name)
