@@ -149,9 +149,13 @@ def rnn_layer(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     """One layer of a tanh (or relu) RNN over a whole chunk; returns (y [T,B,H], h_n [B,H])."""
     _check_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     name = resolve_backend(backend, x)
-    if name != "reference":
-        return RNNLayerFunction.apply(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
-    y = reference.rnn_forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
+    args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    if name == "reference":
+        y = reference.rnn_forward(*args, relu)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return RNNLayerFunction.apply(*args, relu)
+    else:  # inference: the op alone, without the autograd.Function's bookkeeping
+        y = torch.ops.fused_bptt.rnn_forward(*args, relu)
     # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
     return y, y[-1].clone()
 

@@ -100,3 +100,15 @@ def test_package_imports_and_falls_back_without_the_extension():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "fallback-ok" in out.stdout, out.stderr
+
+
+def test_inference_path_matches_training_path():
+    """Under no_grad (or with no input requiring grad) the op runs without the autograd.Function."""
+    inputs = [t.requires_grad_() for t in make_layer_inputs(6, 3, 4, 5, torch.float64)]
+    y, hn = fused_bptt.rnn_tanh(*inputs)
+    assert y.requires_grad and hn.requires_grad
+    with torch.no_grad():
+        y_inf, hn_inf = fused_bptt.rnn_tanh(*inputs)
+    y_plain, _ = fused_bptt.rnn_tanh(*[t.detach() for t in inputs])
+    assert not y_inf.requires_grad and not y_plain.requires_grad
+    assert torch.equal(y_inf, y) and torch.equal(hn_inf, hn) and torch.equal(y_plain, y)
