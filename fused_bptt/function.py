@@ -98,12 +98,9 @@ class RNNLayerFunction(torch.autograd.Function):
         if grad_y is None and grad_h_n is None:
             return (None,) * 7
         if grad_h_n is not None:
-            if grad_y is None:
-                grad_y = torch.zeros_like(y)
-            elif grad_y.is_contiguous():
-                grad_y = grad_y.clone()      # not ours to modify
-            else:
-                grad_y = grad_y.contiguous()  # already a fresh copy (e.g. the expanded grad of sum())
+            # A contiguous copy of our own: the incoming grad_y is not ours to modify.
+            grad_y = (torch.zeros_like(y) if grad_y is None
+                      else grad_y.clone(memory_format=torch.contiguous_format))
             grad_y[-1] += grad_h_n
         dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_bptt.rnn_backward(
             grad_y, x, h0, weight_ih, weight_hh, y, ctx.relu)
