@@ -7,43 +7,51 @@
 Backends: "cuda" (CUDA tensors), "cpp" (CPU tensors), "reference" (pure PyTorch, any device/dtype).
 "auto" takes the first of available_backends() that runs the given tensors.
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _ops, reference
+from ._checks import check_layer_args
 
 BACKENDS = ("cuda", "cpp", "reference")
+BACKEND_CHOICES = ("auto",) + BACKENDS
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_DEVICE_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu"}
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def available_backends() -> Tuple[str, ...]:
     """The backends that really work here, in preference order.
 
     Computed once: the compiled kernels and the CUDA driver do not come and go within a process.
+    (A constant to torch.compile, which therefore never traces the lookup.)
     """
-    found = []
-    if _ops.has_kernel("CUDA") and torch.cuda.is_available():
-        found.append("cuda")
-    if _ops.has_kernel("CPU"):
-        found.append("cpp")
-    found.append("reference")
-    return tuple(found)
+    global _available
+    if _available is None:
+        found = []
+        if _ops.has_kernel("CUDA") and torch.cuda.is_available():
+            found.append("cuda")
+        if _ops.has_kernel("CPU"):
+            found.append("cpp")
+        found.append("reference")
+        _available = tuple(found)
+    return _available
 
 
-def _device_of_backend(backend: str) -> str:
-    return {"cuda": "cuda", "cpp": "cpu"}[backend]
+_available: Optional[Tuple[str, ...]] = None
+
+
+def check_backend_name(backend, who: str = "fused_bptt") -> None:
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"{who}: backend must be one of "
+                         f"{', '.join(repr(b) for b in BACKEND_CHOICES)}, but got {backend!r}")
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
     """The backend that will run `x`; raises ValueError/RuntimeError for one that cannot."""
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"fused_bptt: backend must be one of 'auto', 'cuda', 'cpp', 'reference', "
-                         f"but got {backend!r}")
+    check_backend_name(backend)
     if backend == "reference":
         return backend
     if not _ops.loaded():
@@ -56,13 +64,13 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     available = available_backends()
     if backend == "auto":
         for name in available[:-1]:
-            if x.device.type == _device_of_backend(name) and x.dtype in _KERNEL_DTYPES:
+            if x.device.type == _DEVICE_OF_BACKEND[name] and x.dtype in _KERNEL_DTYPES:
                 return name
         return "reference"
     if backend not in available:
         raise RuntimeError(f"fused_bptt: backend {backend!r} is not available here; available "
                            f"backends: {available}")
-    wanted = _device_of_backend(backend)
+    wanted = _DEVICE_OF_BACKEND[backend]
     if x.device.type != wanted:
         raise ValueError(f"fused_bptt: backend {backend!r} runs {wanted} tensors, but x is on "
                          f"{x.device}")
@@ -72,86 +80,92 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
+def _needs_differentiable_ops(args) -> bool:
+    """True where the autograd.Function cannot serve: inside a torch.func transform (grad, vmap,
+    jvp, jacrev, ...; also autograd.grad(is_grads_batched=True)) or with forward-mode AD dual
+    tensors. There the layer runs the reference's plain PyTorch ops, which every transform
+    differentiates and batches exactly (slower, never wrong)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+                   for t in args)
+    return False
+
+
 class RNNLayerFunction(torch.autograd.Function):
     """One layer, one direction, through the compiled ops; returns (y, h_n).
 
-    Saved for backward: x, h0, the weights and y, the layer's own output (no extra [T, B, H]
-    tensor: the nonlinearity's derivative and h_{t-1} are both read off y).
+    Saved for backward: x, h0 and the weights, and y, the layer's own output (no extra [T, B, H]
+    tensor: the nonlinearity's derivative and h_{t-1} are both read off y). y is kept as a detached
+    alias with its version: if it was changed in place after the forward (`y += skip`, as nn.RNN
+    allows), the backward recomputes it from x, h0 and the weights (the kernels are deterministic,
+    so it is the same y bit for bit). Under torch.compile, y is saved the ordinary way: the
+    compiled graph is functional, so an in-place change cannot reach the saved y.
     h_n is an output of its own (a copy of y[T-1], so a carried-over state does not keep the
-    chunk's y alive); its gradient is folded into grad_y[T-1] here, which is cheaper than
-    autograd's route through a select of y (a zero [T, B, H] tensor and a full add).
+    chunk's y alive); the backward op adds its gradient at step T-1 itself.
+    With create_graph=True the backward is differentiable: it recomputes the layer with the
+    reference's plain PyTorch ops, so double backward (gradient penalties, Hessian-vector
+    products) is exact.
     """
 
     @staticmethod
     def forward(ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu):
         y = torch.ops.fused_bptt.rnn_forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
-        ctx.save_for_backward(x, h0, weight_ih, weight_hh, y)
         ctx.relu = relu
-        ctx.bias_given = (bias_ih is not None, bias_hh is not None)
         ctx.set_materialize_grads(False)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, y)
+        else:
+            ctx.save_for_backward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+            ctx.y, ctx.y_version = y.detach(), y._version
         return y, y[-1].clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, grad_h_n):
-        x, h0, weight_ih, weight_hh, y = ctx.saved_tensors
         if grad_y is None and grad_h_n is None:
             return (None,) * 7
-        if grad_h_n is not None:
-            # A contiguous copy of our own: the incoming grad_y is not ours to modify.
-            grad_y = (torch.zeros_like(y) if grad_y is None
-                      else grad_y.clone(memory_format=torch.contiguous_format))
-            grad_y[-1] += grad_h_n
-        dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_bptt.rnn_backward(
-            grad_y, x, h0, weight_ih, weight_hh, y, ctx.relu)
-        has_ih, has_hh = ctx.bias_given
+        saved = ctx.saved_tensors
+        x, h0, weight_ih, weight_hh, bias_ih, bias_hh = saved[:6]
+        if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+            # create_graph=True or batched grads: a backward made of differentiable ops.
+            with torch.enable_grad():
+                y = reference.rnn_forward(*saved[:6], ctx.relu)
+            if grad_y is None:
+                grad_y = torch.zeros_like(y)
+            grads = reference.rnn_backward(grad_y, x, h0, weight_ih, weight_hh, y, ctx.relu,
+                                           grad_h_n)
+        else:
+            if len(saved) == 7:
+                y = saved[6]
+            elif ctx.y._version == ctx.y_version:
+                y = ctx.y
+            else:  # y was modified in place after the forward: recompute it
+                y = torch.ops.fused_bptt.rnn_forward(*saved[:6], ctx.relu)
+            if grad_y is None:
+                grad_y = torch.zeros_like(y)
+            grads = torch.ops.fused_bptt.rnn_backward(grad_y, x, h0, weight_ih, weight_hh, y,
+                                                      ctx.relu, grad_h_n)
+        dx, dh0, dw_ih, dw_hh, db = grads
         # The two biases get equal gradients; give each its own tensor so their .grad never alias.
-        db_ih = db if has_ih else None
-        db_hh = (db.clone() if has_ih else db) if has_hh else None
+        db_ih = db if bias_ih is not None else None
+        db_hh = (db.clone() if bias_ih is not None else db) if bias_hh is not None else None
         return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None
-
-
-def _check_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
-    """User-facing checks shared by every backend (the ops check again in C++)."""
-    for name, t in (("x", x), ("h0", h0), ("weight_ih", weight_ih), ("weight_hh", weight_hh)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"fused_bptt: {name} must be a Tensor, but got {type(t).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"fused_bptt: x must be 3-D [T, B, I], but got shape {tuple(x.shape)}")
-    T, B, I = x.shape
-    if T < 1:
-        raise ValueError("fused_bptt: x must hold at least one time step, but T = 0")
-    if weight_hh.dim() != 2 or weight_hh.shape[0] != weight_hh.shape[1]:
-        raise ValueError(f"fused_bptt: weight_hh must be [H, H], but got shape "
-                         f"{tuple(weight_hh.shape)}")
-    H = weight_hh.shape[0]
-    expected = {"h0": (h0, (B, H)), "weight_ih": (weight_ih, (H, I)),
-                "bias_ih": (bias_ih, (H,)), "bias_hh": (bias_hh, (H,))}
-    for name, (t, shape) in expected.items():
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"fused_bptt: {name} must have shape {shape}, but got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"fused_bptt: {name} must have dtype {x.dtype} (the dtype of x), "
-                            f"but got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"fused_bptt: {name} must be on {x.device} (the device of x), "
-                             f"but is on {t.device}")
 
 
 def rnn_layer(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
               relu: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """One layer of a tanh (or relu) RNN over a whole chunk; returns (y [T,B,H], h_n [B,H])."""
-    _check_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    check_layer_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     name = resolve_backend(backend, x)
     args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-    if name == "reference":
+    if name == "reference" or (not torch.compiler.is_compiling()
+                               and _needs_differentiable_ops(args)):
         y = reference.rnn_forward(*args, relu)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return RNNLayerFunction.apply(*args, relu)
-    else:  # inference: the op alone, without the autograd.Function's bookkeeping
+    else:  # no graph is recorded: the op alone, without the autograd.Function's bookkeeping
         y = torch.ops.fused_bptt.rnn_forward(*args, relu)
     # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
     return y, y[-1].clone()

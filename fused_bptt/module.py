@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .function import BACKENDS, rnn_layer
+from .function import check_backend_name, rnn_layer
 
 
 class FusedRNN(nn.RNN):
@@ -30,9 +30,7 @@ class FusedRNN(nn.RNN):
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
                  backend: str = "auto") -> None:
-        if backend not in BACKENDS + ("auto",):
-            raise ValueError(f"FusedRNN: backend must be one of 'auto', 'cuda', 'cpp', "
-                             f"'reference', but got {backend!r}")
+        check_backend_name(backend, "FusedRNN")
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
                          dropout, bidirectional, device=device, dtype=dtype)
         self.backend = backend

@@ -100,10 +100,10 @@ at::Tensor rnn_forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at:
 
 RnnGrads rnn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                            const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& y,
-                           bool relu) {
+                           bool relu, const std::optional<at::Tensor>& grad_h_n) {
   const c10::cuda::CUDAGuard guard(x.device());
   const CudaDevice dev{c10::cuda::getCurrentCUDAStream().stream()};
-  return cuda_impl::rnn_backward_impl(dev, grad_y, x, h0, weight_ih, weight_hh, y, relu);
+  return cuda_impl::rnn_backward_impl(dev, grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n);
 }
 
 }  // namespace

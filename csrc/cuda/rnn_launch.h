@@ -138,13 +138,19 @@ at::Tensor rnn_forward_impl(const Dev& dev, const at::Tensor& x_in, const at::Te
   return y;
 }
 
-// (dx, dh0, dW_ih, dW_hh, db) from grad_y and the saved y (see fused_bptt.h).
+// (dx, dh0, dW_ih, dW_hh, db) from grad_y (+ grad_h_n at step T-1) and the saved y (see fused_bptt.h).
 template <class Dev>
 RnnGrads rnn_backward_impl(const Dev& dev, const at::Tensor& grad_y_in, const at::Tensor& x_in,
                            const at::Tensor& h0_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-                           const at::Tensor& y_in, bool relu, LaunchRecord* rec = nullptr) {
-  const RnnShape s = check_backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in);
-  const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), h0 = h0_in.contiguous();
+                           const at::Tensor& y_in, bool relu, const std::optional<at::Tensor>& grad_h_n,
+                           LaunchRecord* rec = nullptr) {
+  const RnnShape s = check_backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in, grad_h_n);
+  at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), h0 = h0_in.contiguous();
+  if (grad_h_n.has_value()) {
+    // h_n is y[T-1]: its gradient joins grad_y there (in a copy: grad_y is not ours to change).
+    grad_y = grad_y.clone(at::MemoryFormat::Contiguous);
+    grad_y[s.T - 1].add_(*grad_h_n);
+  }
   const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), y = y_in.contiguous();
   if (rec) *rec = LaunchRecord{};
   if (y.numel() == 0) {  // B == 0 or H == 0: every gradient is zero (or empty)

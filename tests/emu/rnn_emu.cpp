@@ -76,9 +76,10 @@ at::Tensor rnn_forward_emu(const at::Tensor& x, const at::Tensor& h0, const at::
 }
 
 RnnGrads rnn_backward_emu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
-                          const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y, bool relu) {
+                          const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y, bool relu,
+                          const std::optional<at::Tensor>& grad_h_n) {
   LaunchRecord rec;
-  RnnGrads grads = cuda_impl::rnn_backward_impl(EmuDevice{}, grad_y, x, h0, w_ih, w_hh, y, relu, &rec);
+  RnnGrads grads = cuda_impl::rnn_backward_impl(EmuDevice{}, grad_y, x, h0, w_ih, w_hh, y, relu, grad_h_n, &rec);
   std::lock_guard<std::mutex> g(g_mutex);
   g_last = rec;
   return grads;
