@@ -21,26 +21,24 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _DEVICE_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu"}
 
 
-@torch.compiler.assume_constant_result
+def _find_backends() -> Tuple[str, ...]:
+    found = []
+    if _ops.has_kernel("CUDA") and torch.cuda.is_available():
+        found.append("cuda")
+    if _ops.has_kernel("CPU"):
+        found.append("cpp")
+    found.append("reference")
+    return tuple(found)
+
+
+# Found once, at import: the compiled kernels and the CUDA driver do not come and go within a
+# process, and torch.compile then reads a constant instead of tracing the lookup.
+_AVAILABLE_BACKENDS = _find_backends()
+
+
 def available_backends() -> Tuple[str, ...]:
-    """The backends that really work here, in preference order.
-
-    Computed once: the compiled kernels and the CUDA driver do not come and go within a process.
-    (A constant to torch.compile, which therefore never traces the lookup.)
-    """
-    global _available
-    if _available is None:
-        found = []
-        if _ops.has_kernel("CUDA") and torch.cuda.is_available():
-            found.append("cuda")
-        if _ops.has_kernel("CPU"):
-            found.append("cpp")
-        found.append("reference")
-        _available = tuple(found)
-    return _available
-
-
-_available: Optional[Tuple[str, ...]] = None
+    """The backends that really work here, in preference order."""
+    return _AVAILABLE_BACKENDS
 
 
 def check_backend_name(backend, who: str = "fused_bptt") -> None:
@@ -93,6 +91,34 @@ def _needs_differentiable_ops(args) -> bool:
     return False
 
 
+def _grads(saved, y, relu, grad_y, grad_h_n):
+    """The backward of one layer: the 7 gradients of (x, h0, weight_ih, weight_hh, bias_ih,
+    bias_hh, relu) from the saved inputs and y.
+
+    With create_graph=True, or inside a torch.func transform (autograd.grad(is_grads_batched=True)
+    vmaps the backward), it is made of differentiable ops: the reference recomputes the layer and
+    runs its hand-written backward, so double backward (gradient penalties, Hessian-vector
+    products) is exact. Otherwise the compiled backward op runs, with grad_h_n added at T-1 inside.
+    """
+    x, h0, weight_ih, weight_hh, bias_ih, bias_hh = saved
+    # (torch.compile traces this backward once, with grad mode on, into a graph that is never
+    # differentiated again: AOTAutograd refuses double backward itself.)
+    if not torch.compiler.is_compiling() and (
+            torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
+        with torch.enable_grad():
+            y = reference.rnn_forward(*saved, relu)
+        backward = reference.rnn_backward
+    else:
+        backward = torch.ops.fused_bptt.rnn_backward
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    dx, dh0, dw_ih, dw_hh, db = backward(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n)
+    # The two biases get equal gradients; give each its own tensor so their .grad never alias.
+    db_ih = db if bias_ih is not None else None
+    db_hh = (db.clone() if bias_ih is not None else db) if bias_hh is not None else None
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None
+
+
 class RNNLayerFunction(torch.autograd.Function):
     """One layer, one direction, through the compiled ops; returns (y, h_n).
 
@@ -104,9 +130,6 @@ class RNNLayerFunction(torch.autograd.Function):
     compiled graph is functional, so an in-place change cannot reach the saved y.
     h_n is an output of its own (a copy of y[T-1], so a carried-over state does not keep the
     chunk's y alive); the backward op adds its gradient at step T-1 itself.
-    With create_graph=True the backward is differentiable: it recomputes the layer with the
-    reference's plain PyTorch ops, so double backward (gradient penalties, Hessian-vector
-    products) is exact.
     """
 
     @staticmethod
@@ -126,31 +149,50 @@ class RNNLayerFunction(torch.autograd.Function):
         if grad_y is None and grad_h_n is None:
             return (None,) * 7
         saved = ctx.saved_tensors
-        x, h0, weight_ih, weight_hh, bias_ih, bias_hh = saved[:6]
-        if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
-            # create_graph=True or batched grads: a backward made of differentiable ops.
-            with torch.enable_grad():
-                y = reference.rnn_forward(*saved[:6], ctx.relu)
-            if grad_y is None:
-                grad_y = torch.zeros_like(y)
-            grads = reference.rnn_backward(grad_y, x, h0, weight_ih, weight_hh, y, ctx.relu,
-                                           grad_h_n)
-        else:
-            if len(saved) == 7:
-                y = saved[6]
-            elif ctx.y._version == ctx.y_version:
-                y = ctx.y
-            else:  # y was modified in place after the forward: recompute it
-                y = torch.ops.fused_bptt.rnn_forward(*saved[:6], ctx.relu)
-            if grad_y is None:
-                grad_y = torch.zeros_like(y)
-            grads = torch.ops.fused_bptt.rnn_backward(grad_y, x, h0, weight_ih, weight_hh, y,
-                                                      ctx.relu, grad_h_n)
-        dx, dh0, dw_ih, dw_hh, db = grads
-        # The two biases get equal gradients; give each its own tensor so their .grad never alias.
-        db_ih = db if bias_ih is not None else None
-        db_hh = (db.clone() if bias_ih is not None else db) if bias_hh is not None else None
-        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None
+        if len(saved) == 7:
+            y = saved[6]
+        elif ctx.y._version == ctx.y_version:
+            y = ctx.y
+        else:  # y was modified in place after the forward: recompute it
+            y = torch.ops.fused_bptt.rnn_forward(*saved, ctx.relu)
+        return _grads(saved[:6], y, ctx.relu, grad_y, grad_h_n)
+
+
+def _op_setup_context(ctx, inputs, output):
+    *args, relu = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(*args, output)
+
+
+def _op_backward(ctx, grad_y):
+    *saved, y = ctx.saved_tensors
+    return _grads(saved, y, ctx.relu, grad_y, None)
+
+
+if _ops.loaded():
+    # Autograd of the forward op itself, for code that calls it outside the autograd.Function:
+    # a torch.jit.trace graph (which records the op) and direct calls of torch.ops.fused_bptt.
+    torch.library.register_autograd("fused_bptt::rnn_forward", _op_backward,
+                                    setup_context=_op_setup_context)
+
+
+def layer_forward(backend: str, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                  bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+                  relu: bool) -> Tuple[Tensor, Tensor]:
+    """One layer on a resolved backend, arguments already checked; returns (y, h_n)."""
+    args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    if backend == "reference" or (not torch.compiler.is_compiling()
+                                  and _needs_differentiable_ops(args)):
+        y = reference.rnn_forward(*args, relu)
+    elif torch.jit.is_tracing():
+        # The op with its registered autograd: one graph for the trace, with or without grad.
+        y = torch.ops.fused_bptt.rnn_forward(*args, relu)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return RNNLayerFunction.apply(*args, relu)
+    else:  # no graph is recorded: the op alone, without the autograd.Function's bookkeeping
+        y = torch.ops.fused_bptt.rnn_forward(*args, relu)
+    # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
+    return y, y[-1].clone()
 
 
 def rnn_layer(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -158,17 +200,8 @@ def rnn_layer(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               relu: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """One layer of a tanh (or relu) RNN over a whole chunk; returns (y [T,B,H], h_n [B,H])."""
     check_layer_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-    name = resolve_backend(backend, x)
-    args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-    if name == "reference" or (not torch.compiler.is_compiling()
-                               and _needs_differentiable_ops(args)):
-        y = reference.rnn_forward(*args, relu)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return RNNLayerFunction.apply(*args, relu)
-    else:  # no graph is recorded: the op alone, without the autograd.Function's bookkeeping
-        y = torch.ops.fused_bptt.rnn_forward(*args, relu)
-    # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
-    return y, y[-1].clone()
+    return layer_forward(resolve_backend(backend, x), x, h0, weight_ih, weight_hh, bias_ih,
+                         bias_hh, relu)
 
 
 def rnn_tanh(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
