@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .export import onnx_export_active, onnx_forward
 from .function import check_backend_name, rnn_layer
 
 
@@ -56,6 +57,8 @@ class FusedRNN(nn.RNN):
         return super().extra_repr() + f", backend={self.backend!r}"
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if onnx_export_active():  # torch.onnx.export: the graph is ONNX's RNN op (export.py)
+            return onnx_forward(self, input, hx)
         if isinstance(input, PackedSequence):
             raise NotImplementedError(
                 "FusedRNN does not take a PackedSequence yet; pad the batch "
