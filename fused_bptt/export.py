@@ -37,12 +37,23 @@ def onnx_export_active() -> bool:
     import, which an eager forward (no tracing, no torch.export) never pays. A model called eagerly
     while an export runs (e.g. to compare outputs) keeps the fused kernels.
     """
-    return (torch.jit.is_tracing() or _torch_is_exporting()) and torch.onnx.is_in_onnx_export()
+    return (torch.jit.is_tracing() or _torch_is_exporting()) and _in_onnx_export()
 
 
 # torch.compiler.is_exporting is newer than the oldest torch the package accepts (pyproject); on a
 # torch without it the dynamo exporter cannot take the path below anyway (no torch.onnx.ops).
 _torch_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+
+
+@torch.compiler.assume_constant_result
+def _in_onnx_export() -> bool:
+    # When torch.export(strict=False) fails, the dynamo exporter retries with strict=True, where
+    # TorchDynamo replaces torch.onnx.is_in_onnx_export() by a constant False; marked constant,
+    # this function is run once at trace time instead and returns the real flag. The retry then
+    # fails too (TorchDynamo does not trace torch.onnx.ops), and the exporter reports the first
+    # error, the one that says what went wrong; unmarked, the retry would put the fused op into
+    # the graph and fail later with "No ONNX function found for fused_bptt.rnn_forward".
+    return torch.onnx.is_in_onnx_export()
 
 
 def onnx_forward(rnn: nn.RNN, input, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
