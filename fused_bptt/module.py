@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .export import onnx_export_active, onnx_forward
 from .function import check_backend_name, layer_forward, resolve_backend
+
 
 class FusedRNN(nn.RNN):
     """Multi-layer Elman RNN with tanh or relu, computed by the fused kernels.
@@ -57,6 +59,8 @@ class FusedRNN(nn.RNN):
         return super().extra_repr() + f", backend={self.backend!r}"
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if onnx_export_active():  # torch.onnx.export: the graph is ONNX's RNN op (export.py)
+            return onnx_forward(self, input, hx)
         if isinstance(input, PackedSequence):
             raise NotImplementedError(
                 "FusedRNN does not take a PackedSequence yet; pad the batch "
