@@ -91,6 +91,31 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gemm", ["auto", "blas", "aten"])
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_backward_strided_grads_and_grad_h_n(backend, gemm, relu, monkeypatch):
+    """grad_y as autograd hands it over (transposed from batch_first, expanded from y.sum(),
+    rows sliced out of a wider tensor), with and without grad_h_n, on every step path."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", gemm)
+    device = device_of(backend)
+    T, B, I, H = 5, 6, 3, 7
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, torch.float64, device, seed=4)
+    y = torch.ops.fused_bptt.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+    g = torch.randn(T, 2 * B, H, dtype=x.dtype, device=device)
+    grads = {"transposed": torch.randn(B, T, H, dtype=x.dtype, device=device).transpose(0, 1),
+             "expanded": torch.ones(1, 1, 1, dtype=x.dtype, device=device).expand(T, B, H),
+             "sliced rows": g[:, ::2]}
+    grad_h_n = torch.randn(B, H, dtype=x.dtype, device=device)
+    for name, gy in grads.items():
+        assert not gy.is_contiguous(), name
+        for gh in (None, grad_h_n):
+            got = torch.ops.fused_bptt.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu, gh)
+            want = reference.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu, gh)
+            for what, a, b in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], got, want):
+                assert_close(a, b, name=f"{name}, grad_h_n={gh is not None}: {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_gradcheck(backend, relu):
     inputs = [t.requires_grad_() for t in make_layer_inputs(

@@ -121,27 +121,39 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   scalar_t* dzp = dz.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* whh = w_hh.data_ptr<scalar_t>();
-  // The incoming gradient of step t: grad_y_t, plus grad_h_n at the last step (h_n is y[T-1]),
-  // summed into a [B, H] buffer of our own rather than into a copy of all of grad_y.
+  // The incoming gradient of step t, read in place: grad_y may be strided (rows of a transposed
+  // batch_first gradient are T * H apart; the caller made its last dimension dense), so step t
+  // is rows of H elements, ld apart. At the last step grad_h_n joins it (h_n is y[T-1]), summed
+  // into a [B, H] buffer of our own rather than into a copy of all of grad_y.
   const scalar_t* gy = grad_y.data_ptr<scalar_t>();
+  const int64_t gy_t = grad_y.stride(0), gy_ld = grad_y.stride(1);
   std::vector<scalar_t> last;
   if (grad_h_n.defined()) {
     const scalar_t* gh = grad_h_n.data_ptr<scalar_t>();
-    last.assign(gy + (T - 1) * BH, gy + T * BH);
-    for (int64_t i = 0; i < BH; ++i) last[i] += gh[i];
+    last.resize(BH);
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* g = gy + (T - 1) * gy_t + b * gy_ld;
+      for (int64_t j = 0; j < H; ++j) last[b * H + j] = g[j] + gh[b * H + j];
+    }
   }
-  auto grad_at = [&](int64_t t) { return t == T - 1 && !last.empty() ? last.data() : gy + t * BH; };
+  const bool at_last = !last.empty();
+  auto grad_at = [&](int64_t t, int64_t row) {
+    return t == T - 1 && at_last ? last.data() + row * H : gy + t * gy_t + row * gy_ld;
+  };
+  const auto grad_ld = [&](int64_t t) { return t == T - 1 && at_last ? H : gy_ld; };
 
   // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
   if (use_blas_step<scalar_t>(mode, H)) {
     for (int64_t t = T - 1; t >= 0; --t) {
       scalar_t* dzt = dzp + t * BH;
-      std::memcpy(dzt, grad_at(t), sizeof(scalar_t) * BH);
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(dzt + b * H, grad_at(t, b), sizeof(scalar_t) * H);
+      }
       if (t + 1 < T) gemm<scalar_t>(mode, false, false, B, H, H, 1, dzt + BH, H, whh, H, 1, dzt, H);
       parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
         const int64_t o = r0 * H;
-        k.backward(nullptr, nullptr, nullptr, dzt + o, yp + t * BH + o, dzt + o, r1 - r0, 0, H,
-                   relu);
+        k.backward(nullptr, nullptr, nullptr, dzt + o, H, yp + t * BH + o, dzt + o, r1 - r0, 0,
+                   H, relu);
       });
     }
   } else {
@@ -149,8 +161,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
     parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t o = t * BH + r0 * H, K = t + 1 < T ? H : 0;
-        k.backward(dzp + o + BH, whh, part.data() + r0 * H, grad_at(t) + r0 * H, yp + o, dzp + o,
-                   r1 - r0, K, H, relu);
+        k.backward(dzp + o + BH, whh, part.data() + r0 * H, grad_at(t, r0), grad_ld(t), yp + o,
+                   dzp + o, r1 - r0, K, H, relu);
       }
     });
   }
@@ -207,7 +219,10 @@ RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   at::Tensor dw_hh = at::empty_like(weight_hh, at::MemoryFormat::Contiguous);
   at::Tensor db = at::empty({s.H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
-    backward_impl<scalar_t>(grad_y.contiguous(),
+    // grad_y is read in place when its last dimension is dense (a transposed batch_first
+    // gradient is); otherwise (an expanded gradient such as that of y.sum()) it is made dense.
+    const bool dense_rows = grad_y.stride(2) == 1 || s.H == 1;
+    backward_impl<scalar_t>(dense_rows ? grad_y : grad_y.contiguous(),
                             grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor(),
                             x.contiguous(), h0.contiguous(),
                             weight_ih.contiguous(), weight_hh.contiguous(), y.contiguous(), s,
