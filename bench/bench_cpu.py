@@ -116,11 +116,29 @@ def saved_for_backward(model, T, B, H):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y, h_n = model(x, h0)
+    # FusedRNN's autograd.Function keeps y as an alias on its node (so that an in-place change of
+    # y can be detected), not through save_for_backward: count what the graph's nodes hold too.
+    for tensor in _held_by_graph(y.grad_fn):
+        pack(tensor)
     known = {t.untyped_storage().data_ptr() for t in [x, h0, y, h_n, *model.parameters()]}
     unit = T * B * H * 4
     total = sum(storages.values()) / unit
     extra = sum(n for p, n in storages.items() if p not in known) / unit
     return total, extra
+
+
+def _held_by_graph(node):
+    """Tensors held as attributes by the custom autograd.Function nodes behind `node`."""
+    seen, stack, held = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        held += [v for v in vars(n).values() if isinstance(v, torch.Tensor)] \
+            if hasattr(n, "__dict__") else []
+        stack += [f for f, _ in n.next_functions]
+    return held
 
 
 def sgemm_gflops(n=2048, threads=None):
