@@ -137,7 +137,10 @@ class RNNLayerFunction(torch.autograd.Function):
         y = torch.ops.fused_bptt.rnn_forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
         ctx.relu = relu
         ctx.set_materialize_grads(False)
-        if torch.compiler.is_compiling():
+        if (torch.compiler.is_compiling()
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            # (Saved-tensor hooks, as activation checkpointing and CPU offloading install, must
+            # see y to manage it: there it is saved the ordinary way too.)
             ctx.save_for_backward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, y)
         else:
             ctx.save_for_backward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)

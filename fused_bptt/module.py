@@ -150,7 +150,7 @@ class FusedRNN(nn.RNN):
             x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        return x, torch.stack(finals)
+        return x, (finals[0].unsqueeze(0) if len(finals) == 1 else torch.stack(finals))
 
 
 def _autocast_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

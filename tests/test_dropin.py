@@ -177,6 +177,20 @@ def test_in_place_on_output_like_nn_rnn(backend, batch_first):
         close(got, want)
 
 
+def test_activation_checkpointing_matches_nn_rnn(backend):
+    """torch.utils.checkpoint (non-reentrant) installs saved-tensor hooks: y goes through them."""
+    fused, ref = pair(backend)
+    x = torch.randn(5, 2, 3, dtype=D, requires_grad=True)
+    grads = []
+    for module in (fused, ref):
+        y, h = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+        (y.pow(2).sum() + h.sum()).backward()
+        grads.append([x.grad.clone()] + [p.grad for p in module.parameters()])
+        x.grad = None
+    for got, want in zip(*grads):
+        close(got, want)
+
+
 def test_compiled_double_backward_is_an_error_not_zeros():
     if "cpp" not in BACKENDS:
         pytest.skip("needs the compiled CPU backend")
