@@ -91,6 +91,15 @@ def _needs_differentiable_ops(args) -> bool:
     return False
 
 
+def _forward_op(*args) -> Tensor:
+    """The forward op, without the Python autograd kernel registered on it below (that one is for
+    traced graphs; here no graph is wanted, and it would cost a Python round trip per call)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fused_bptt.rnn_forward(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fused_bptt.rnn_forward(*args)
+
+
 def _grads(saved, y, relu, grad_y, grad_h_n):
     """The backward of one layer: the 7 gradients of (x, h0, weight_ih, weight_hh, bias_ih,
     bias_hh, relu) from the saved inputs and y.
@@ -134,7 +143,7 @@ class RNNLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu):
-        y = torch.ops.fused_bptt.rnn_forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
+        y = _forward_op(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
         ctx.relu = relu
         ctx.set_materialize_grads(False)
         if (torch.compiler.is_compiling()
@@ -157,7 +166,7 @@ class RNNLayerFunction(torch.autograd.Function):
         elif ctx.y._version == ctx.y_version:
             y = ctx.y
         else:  # y was modified in place after the forward: recompute it
-            y = torch.ops.fused_bptt.rnn_forward(*saved, ctx.relu)
+            y = _forward_op(*saved, ctx.relu)
         return _grads(saved[:6], y, ctx.relu, grad_y, grad_h_n)
 
 
@@ -193,7 +202,7 @@ def layer_forward(backend: str, x: Tensor, h0: Tensor, weight_ih: Tensor, weight
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return RNNLayerFunction.apply(*args, relu)
     else:  # no graph is recorded: the op alone, without the autograd.Function's bookkeeping
-        y = torch.ops.fused_bptt.rnn_forward(*args, relu)
+        y = _forward_op(*args, relu)
     # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
     return y, y[-1].clone()
 
