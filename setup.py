@@ -34,7 +34,7 @@ def extension():
     debug = os.environ.get("FUSED_BPTT_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = ["-std=c++17", *opt, "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-    sources = rel("csrc/ops.cpp") + rel("csrc/checks.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     with_cuda, why = want_cuda()
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
                   include_dirs=[os.path.join(ROOT, "csrc")])

@@ -100,32 +100,48 @@ def _forward_op(*args) -> Tensor:
         return torch.ops.fused_bptt.rnn_forward(*args)
 
 
+def _differentiable_grads(saved, relu, grad_y, grad_h_n):
+    """(dx, dh0, dW_ih, dW_hh, db) of one layer made of differentiable ops: the reference
+    recomputes the layer and runs its hand-written backward. Used where the backward must itself
+    be differentiated (create_graph=True: double backward, gradient penalties, Hessian-vector
+    products) or batched (autograd.grad(is_grads_batched=True) vmaps the backward)."""
+    x, h0, weight_ih, weight_hh = saved[:4]
+    with torch.enable_grad():
+        y = reference.rnn_forward(*saved, relu)
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    return reference.rnn_backward(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n)
+
+
 def _grads(saved, y, relu, grad_y, grad_h_n):
     """The backward of one layer: the 7 gradients of (x, h0, weight_ih, weight_hh, bias_ih,
-    bias_hh, relu) from the saved inputs and y.
-
-    With create_graph=True, or inside a torch.func transform (autograd.grad(is_grads_batched=True)
-    vmaps the backward), it is made of differentiable ops: the reference recomputes the layer and
-    runs its hand-written backward, so double backward (gradient penalties, Hessian-vector
-    products) is exact. Otherwise the compiled backward op runs, with grad_h_n added at T-1 inside.
-    """
-    x, h0, weight_ih, weight_hh, bias_ih, bias_hh = saved
+    bias_hh, relu) from the saved inputs and y; the compiled backward op adds grad_h_n at T-1."""
     # (torch.compile traces this backward once, with grad mode on, into a graph that is never
     # differentiated again: AOTAutograd refuses double backward itself.)
     if not torch.compiler.is_compiling() and (
             torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
-        with torch.enable_grad():
-            y = reference.rnn_forward(*saved, relu)
-        backward = reference.rnn_backward
+        dx, dh0, dw_ih, dw_hh, db = _differentiable_grads(saved, relu, grad_y, grad_h_n)
     else:
-        backward = torch.ops.fused_bptt.rnn_backward
-    if grad_y is None:
-        grad_y = torch.zeros_like(y)
-    dx, dh0, dw_ih, dw_hh, db = backward(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n)
+        x, h0, weight_ih, weight_hh = saved[:4]
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_bptt.rnn_backward(
+            grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n)
     # The two biases get equal gradients; give each its own tensor so their .grad never alias.
+    bias_ih, bias_hh = saved[4:]
     db_ih = db if bias_ih is not None else None
     db_hh = (db.clone() if bias_ih is not None else db) if bias_hh is not None else None
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None
+
+
+def _rnn_layer_grads(grad_y, grad_h_n, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu):
+    """fused_bptt::rnn_layer_grads, which the C++ autograd of rnn_layer (csrc/autograd.cpp) calls
+    for a differentiable backward; absent biases get an empty entry."""
+    saved = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    dx, dh0, dw_ih, dw_hh, db = _differentiable_grads(saved, relu, grad_y, grad_h_n)
+    empty = x.new_empty(0)
+    return [dx, dh0, dw_ih, dw_hh, db if bias_ih is not None else empty,
+            (db.clone() if bias_ih is not None else db) if bias_hh is not None else empty]
 
 
 class RNNLayerFunction(torch.autograd.Function):
@@ -186,6 +202,8 @@ if _ops.loaded():
     # a torch.jit.trace graph (which records the op) and direct calls of torch.ops.fused_bptt.
     torch.library.register_autograd("fused_bptt::rnn_forward", _op_backward,
                                     setup_context=_op_setup_context)
+    _LIBRARY = torch.library.Library("fused_bptt", "IMPL")
+    _LIBRARY.impl("rnn_layer_grads", _rnn_layer_grads, "CompositeImplicitAutograd")
 
 
 def layer_forward(backend: str, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -200,7 +218,11 @@ def layer_forward(backend: str, x: Tensor, h0: Tensor, weight_ih: Tensor, weight
         # The op with its registered autograd: one graph for the trace, with or without grad.
         y = torch.ops.fused_bptt.rnn_forward(*args, relu)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return RNNLayerFunction.apply(*args, relu)
+        if (torch.compiler.is_compiling()
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            # The Python Function: Dynamo traces it, and saved-tensor hooks see y through it.
+            return RNNLayerFunction.apply(*args, relu)
+        return torch.ops.fused_bptt.rnn_layer(*args, relu)  # autograd in C++: eager training
     else:  # no graph is recorded: the op alone, without the autograd.Function's bookkeeping
         y = _forward_op(*args, relu)
     # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
