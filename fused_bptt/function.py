@@ -145,16 +145,16 @@ def _rnn_layer_grads(grad_y, grad_h_n, x, h0, weight_ih, weight_hh, bias_ih, bia
 
 
 class RNNLayerFunction(torch.autograd.Function):
-    """One layer, one direction, through the compiled ops; returns (y, h_n).
+    """One layer, one direction, through the compiled ops; returns (y, h_n). The autograd of
+    rnn_layer (csrc/autograd.cpp) in Python, for the paths that need a Python Function: Dynamo
+    traces it under torch.compile (the compiled graph is functional: an in-place change of y
+    after the forward cannot reach the saved y), and saved-tensor hooks (activation checkpointing,
+    offloading) see every tensor it saves.
 
-    Saved for backward: x, h0 and the weights, and y, the layer's own output (no extra [T, B, H]
-    tensor: the nonlinearity's derivative and h_{t-1} are both read off y). y is kept as a detached
-    alias with its version: if it was changed in place after the forward (`y += skip`, as nn.RNN
-    allows), the backward recomputes it from x, h0 and the weights (the kernels are deterministic,
-    so it is the same y bit for bit). Under torch.compile, y is saved the ordinary way: the
-    compiled graph is functional, so an in-place change cannot reach the saved y.
-    h_n is an output of its own (a copy of y[T-1], so a carried-over state does not keep the
-    chunk's y alive); the backward op adds its gradient at step T-1 itself.
+    Saved for backward: x, h0, the weights and y, the layer's own output (no extra [T, B, H]
+    tensor: the nonlinearity's derivative and h_{t-1} are both read off y). h_n is an output of
+    its own (a copy of y[T-1], so a carried-over state does not keep the chunk's y alive); the
+    backward op adds its gradient at step T-1 itself.
     """
 
     @staticmethod
@@ -162,28 +162,15 @@ class RNNLayerFunction(torch.autograd.Function):
         y = _forward_op(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
         ctx.relu = relu
         ctx.set_materialize_grads(False)
-        if (torch.compiler.is_compiling()
-                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
-            # (Saved-tensor hooks, as activation checkpointing and CPU offloading install, must
-            # see y to manage it: there it is saved the ordinary way too.)
-            ctx.save_for_backward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, y)
-        else:
-            ctx.save_for_backward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-            ctx.y, ctx.y_version = y.detach(), y._version
+        ctx.save_for_backward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, y)
         return y, y[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n):
         if grad_y is None and grad_h_n is None:
             return (None,) * 7
-        saved = ctx.saved_tensors
-        if len(saved) == 7:
-            y = saved[6]
-        elif ctx.y._version == ctx.y_version:
-            y = ctx.y
-        else:  # y was modified in place after the forward: recompute it
-            y = _forward_op(*saved, ctx.relu)
-        return _grads(saved[:6], y, ctx.relu, grad_y, grad_h_n)
+        *saved, y = ctx.saved_tensors
+        return _grads(saved, y, ctx.relu, grad_y, grad_h_n)
 
 
 def _op_setup_context(ctx, inputs, output):
