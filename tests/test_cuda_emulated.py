@@ -209,7 +209,7 @@ def test_emulated_relu_backward_passes_nan_like_autograd(emu, path):
     y = emu.rnn_forward(x, h0, w_ih, w_hh, None, None, True)
     grad_y = torch.randn_like(y)
     y = y.clone()
-    y[T - 1, 0, :3] = float("nan")      # last step only: y[T-1] is no h_{t-1}, so dW_hh stays finite
+    y[T - 1, 0, :3] = float("nan")  # last step only: y[T-1] is no h_{t-1}, dW_hh stays finite
     negative = (y <= 0).nonzero()
     assert len(negative) >= 2
     for t, b, j in negative[:: max(1, len(negative) // 4)].tolist():
@@ -231,11 +231,16 @@ def test_emulated_non_contiguous_inputs(emu):
     w_hh_nc = w_hh.t().contiguous().t()
     grad_y = torch.zeros(T, B, 2 * H, dtype=torch.float64)[:, :, 1::2].normal_()
     ghn = torch.zeros(B, 2 * H, dtype=torch.float64)[:, ::2].normal_()
+    # h0 one element into its storage: contiguous, but its rows are not 16-byte aligned, so the
+    # kernel stages them with scalar loads.
+    h0_off = torch.zeros(B * H + 1, dtype=torch.float64)[1:].view(B, H).copy_(h0)
+    assert h0_off.data_ptr() % 16 != 0
     assert not x_nc.is_contiguous() and not w_hh_nc.is_contiguous()
     assert not grad_y.is_contiguous() and not ghn.is_contiguous()
-    y = emu.rnn_forward(x_nc, h0, w_ih, w_hh_nc, b_ih, b_hh, False)
+    y = emu.rnn_forward(x_nc, h0_off, w_ih, w_hh_nc, b_ih, b_hh, False)
+    assert emu.last_launch()[0] == 1
     assert_close(y, reference.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh), name="y")
-    grads = emu.rnn_backward(grad_y, x_nc, h0, w_ih, w_hh_nc, y, False, ghn)
+    grads = emu.rnn_backward(grad_y, x_nc, h0_off, w_ih, w_hh_nc, y, False, ghn)
     grads_ref = reference.rnn_backward(grad_y.contiguous(), x, h0, w_ih, w_hh, y,
                                        grad_h_n=ghn.contiguous())
     for name, g, r in zip(GRAD_NAMES, grads, grads_ref):

@@ -37,7 +37,8 @@ __host__ __device__ inline int slice_stride(int J) { return (J / kTile) % 2 == 1
 // kTile banks apart.
 __host__ __device__ inline int stage_stride(int len) { return round_up(len, 32) + kTile; }
 
-// Sum over aligned groups of `group` lanes (a power of two <= 32); every lane of the warp must call.
+// Sum over aligned groups of `group` lanes (a power of two <= 32); every lane of the warp must
+// call.
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t group_sum(scalar_t v, int group) {
   for (int offset = group >> 1; offset > 0; offset >>= 1)

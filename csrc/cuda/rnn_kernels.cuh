@@ -125,15 +125,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   scalar_t* const w = smem;
   scalar_t* const stage = smem + layout.stage;
   const BlockPart part = block_part(p);
-  load_w_slice(w_hh, w, p.H, p.J, part.j0, part.nj, true);  // block_matvec's first barrier orders it
+  // block_matvec's first barrier orders the loads of w before its reads.
+  load_w_slice(w_hh, w, p.H, p.J, part.j0, part.nj, true);
   const int64_t step = static_cast<int64_t>(p.B) * p.H;
+  const int64_t rows_at = static_cast<int64_t>(part.b0) * p.H;  // the block's first row
   ForwardStep<scalar_t> fs{y, p.H, part.j0, part.b0, p.relu, {}};
   fb::GridToken token{};
   for (int t = 0; t < p.T; ++t) {
     fs.y_t = y + t * step;
     prefetch_first_tile(fs, part.nb, part.nj, p.b_tile, p.group);
     if (t > 0) fb::grid_wait(token);
-    const scalar_t* h_prev = (t == 0 ? h0 : y + (t - 1) * step) + static_cast<int64_t>(part.b0) * p.H;
+    const scalar_t* h_prev = (t == 0 ? h0 : y + (t - 1) * step) + rows_at;
     block_matvec(h_prev, p.H, w, slice_stride(p.J), stage, p.b_tile, part.nb, part.nj, p.group, fs);
     if (t + 1 < p.T) token = fb::grid_arrive();
   }
@@ -249,7 +251,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   load_w_slice(w_hh, w, p.H, p.J, part.j0, part.nj, false);
   // dz_own's columns past nj stay zero: the dw tiles read them.
   for (int64_t e = threadIdx.x; e < layout.stage - layout.dw; e += blockDim.x) dw[e] = 0;
-  const int64_t step = static_cast<int64_t>(p.B) * p.H, rows_at = static_cast<int64_t>(part.b0) * p.H;
+  const int64_t step = static_cast<int64_t>(p.B) * p.H;
+  const int64_t rows_at = static_cast<int64_t>(part.b0) * p.H;  // the block's first row
   BackwardStep<scalar_t> bs{grad_y, nullptr, y, dz, dz_own, p.H, p.J, part.j0, part.b0, p.relu,
                             {}, {}};
   fb::GridToken token{};

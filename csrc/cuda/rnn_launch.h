@@ -72,7 +72,8 @@ inline PersistentPlan plan_with_groups(bool backward, int64_t B, int64_t H, int6
   while (group < 32 && group * 2 * items <= cfg.threads) group *= 2;
   const int staged = std::max(b_tile, 1);
   const int64_t smem = kernels::smem_layout(backward, r, h, j, staged).total * elem_size;
-  const bool fits = b_tile >= 1 && smem <= cfg.max_smem_per_block && (groups == 1 || b_tile == rows);
+  const bool fits =
+      b_tile >= 1 && smem <= cfg.max_smem_per_block && (groups == 1 || b_tile == rows);
   const kernels::PersistentParams params{0, static_cast<int>(B), h, j, static_cast<int>(slices),
                                          r, staged, group, false};
   return {fits, static_cast<int>(slices * n_groups), smem, params};

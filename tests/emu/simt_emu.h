@@ -9,33 +9,28 @@
 // from source to ignore it).
 //
 // What is emulated:
-//   threadIdx / blockIdx / blockDim / gridDim   thread-local per emulated thread
-//   __syncthreads()                             a std::barrier per block; threads that return
-//                                               leave it (arrive_and_drop), as on the GPU
-//   fb::grid_sync(), fb::grid_arrive() and      one barrier over every thread of a cooperative
-//   fb::grid_wait(token)                        launch. Called outside one, they abort (on a GPU a
-//                                               hand-made grid barrier would deadlock). A barrier
-//                                               phase that some threads reach by returning from
-//                                               the kernel while others wait in it aborts too: on
-//                                               a GPU the waiting blocks would hang. (Stricter than
-//                                               a GPU, where only a block's first thread counts.)
-//   __shfl_*_sync / __ballot_sync / __syncwarp  a per-warp exchange buffer between two per-warp
-//                                               barriers; a mask that is not exactly the warp's live
-//                                               lanes, or a source lane outside it, aborts
-//   atomicAdd / atomicCAS / atomicExch / atomicMax   std::atomic_ref
-//   __ldcg, __threadfence                       a plain load, a seq_cst fence
-//   float4 / double2, fb::load_as / store_as,   16-byte aligned types; a vector access (these,
-//   fb::copy_async_16                           __ldcg of a vector, an asynchronous copy) at an
-//                                               address not aligned to its size aborts, as it
-//                                               faults on a GPU; asynchronous copies complete at once
-//   dynamic shared memory                       one buffer per block, filled with 0xFF bytes (NaN for
-//                                               float/double) so reads before writes show up
-//   static __shared__                           refused at compile time: under emulation it would be
-//                                               one array shared by every block
-//   launches                                    simt::launch (blocks one after another) and
-//                                               simt::launch_cooperative (all blocks at once); both
-//                                               abort after SIMT_EMU_TIMEOUT_S seconds (default 120)
-//                                               instead of hanging on a deadlock
+//   - threadIdx / blockIdx / blockDim / gridDim: thread-local per emulated thread.
+//   - __syncthreads(): a std::barrier per block; threads that return leave it (arrive_and_drop),
+//     as on the GPU.
+//   - fb::grid_sync(), fb::grid_arrive(), fb::grid_wait(token): one barrier over every thread of
+//     a cooperative launch. Outside one they abort (on a GPU a hand-made grid barrier would
+//     deadlock). A barrier phase that some threads reach by returning from the kernel while
+//     others wait in it aborts too: on a GPU the waiting blocks would hang. (Stricter than a GPU,
+//     where only a block's first thread counts.)
+//   - __shfl_*_sync / __ballot_sync / __syncwarp: a per-warp exchange buffer between two per-warp
+//     barriers; a mask that is not exactly the warp's live lanes, or a source lane outside it,
+//     aborts.
+//   - atomicAdd / atomicCAS / atomicExch / atomicMax: std::atomic_ref. __ldcg: a plain load.
+//     __threadfence: a seq_cst fence.
+//   - float4 / double2, fb::load_as / store_as, fb::copy_async_16: 16-byte aligned types; a
+//     vector access (these, __ldcg of a vector, an asynchronous copy) at an address not aligned
+//     to its size aborts, as it faults on a GPU. Asynchronous copies complete at once.
+//   - dynamic shared memory: one buffer per block, filled with 0xFF bytes (NaN for float/double)
+//     so reads before writes show up. A static __shared__ array is refused at compile time: under
+//     emulation it would be one array shared by every block.
+//   - launches: simt::launch (blocks one after another) and simt::launch_cooperative (all blocks
+//     at once); both abort after SIMT_EMU_TIMEOUT_S seconds (default 120) instead of hanging on
+//     a deadlock.
 //
 // What is NOT emulated: the GPU memory model (every emulated access is coherent, so a missing
 // __threadfence or a stale L1 read cannot show up here), occupancy and co-residency (the launcher
