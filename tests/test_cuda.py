@@ -147,6 +147,54 @@ def test_cuda_backward_is_deterministic(path):
             assert torch.equal(a, b), f"B={B} {path}: {name} differs between identical calls"
 
 
+def test_cuda_host_queries_are_cached(monkeypatch):
+    """Device attributes, the shared-memory opt-in and the occupancy query are asked once per
+    device, kernel and size: a repeated call makes none of those driver calls."""
+    monkeypatch.setenv("FUSED_BPTT_CUDA_PATH", "persistent")
+    queries = ("cudaFuncSetAttribute", "cudaOccupancyMaxActiveBlocksPerMultiprocessor",
+               "cudaDeviceGetAttribute")
+    # A batch size no other test uses: the first call misses the occupancy cache.
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(3, 29, 8, 96, torch.float32, device="cuda")
+
+    def host_calls(fn):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return {e.name for e in prof.events() if e.name.startswith(queries)}
+
+    def call():
+        return ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+
+    first = host_calls(call)
+    if not first:
+        pytest.skip("the profiler does not record these CUDA runtime calls here: cannot check")
+    assert host_calls(call) == set(), "the second call queried the driver again"
+
+
+def test_cuda_calls_from_several_threads():
+    """The caches and the launches are safe from several host threads at once."""
+    import concurrent.futures
+
+    shapes = [(6, B, 8, H) for B in (3, 40) for H in (64, 200)]
+    inputs = [make_layer_inputs(*shape, torch.float64, device="cuda", seed=i)
+              for i, shape in enumerate(shapes)]
+    expected = [ops.rnn_forward(*inp, False) for inp in inputs]
+    torch.cuda.synchronize()
+
+    def run(i):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            y = ops.rnn_forward(*inputs[i], False)
+            torch.cuda.current_stream().synchronize()
+        return y
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, list(range(len(shapes))) * 3))
+    for i, y in enumerate(got):
+        assert torch.equal(y, expected[i % len(shapes)]), shapes[i % len(shapes)]
+
+
 def test_cuda_on_a_side_stream():
     x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(12, 5, 6, 70, torch.float64, device="cuda")
     expected = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
