@@ -26,15 +26,14 @@ struct alignas(16) Tile {
   T v[kTile];
 };
 
-
 __host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // Row stride of a W slice in shared memory (J is a multiple of kTile): an odd number of 16-byte
 // tiles, so the rows read by the 8 lanes of a quarter-warp fall in distinct bank groups.
 __host__ __device__ inline int slice_stride(int J) { return (J / kTile) % 2 == 1 ? J : J + kTile; }
 
-// Row stride of the staged input rows: 16-byte aligned rows (vector stores), consecutive rows
-// kTile banks apart.
+// Row stride of the staged input rows: 16-byte aligned rows (the 16-byte staging copies),
+// consecutive rows kTile scalars apart in the banks.
 __host__ __device__ inline int stage_stride(int len) { return round_up(len, 32) + kTile; }
 
 // Sum over aligned groups of `group` lanes (a power of two <= 32); every lane of the warp must
