@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from .export import onnx_export_active, onnx_forward
 from .function import check_backend_name, layer_forward, resolve_backend
@@ -250,11 +250,17 @@ def forward_packed(rnn: "FusedRNN", packed: PackedSequence,
     if hx.dtype != data.dtype:
         raise ValueError(f"RNN hx dtype ({hx.dtype}) does not match input dtype "
                          f"({data.dtype}). Convert it: hx.to({data.dtype})")
-    x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))   # [T, B, I], sorted
-    lengths = lengths.to(data.device)
+    # Packed row p is (t, b) of the padded batch, in row-major order: one index_copy pads, one
+    # index_select packs again (pad_packed_sequence / pack_padded_sequence copy step by step,
+    # and cost more than the layer).
+    T = batch_sizes.numel()
+    mask = torch.arange(max_batch).unsqueeze(0) < batch_sizes.unsqueeze(1)    # [T, B]
+    rows = mask.flatten().nonzero().squeeze(1).to(data.device)
+    lengths = mask.sum(0).to(data.device)
+    x = data.new_zeros(T * max_batch, data.shape[-1]).index_copy(0, rows, data)
     with torch.autocast(data.device.type, enabled=False) if autocast else nullcontext():
-        y, h_n = rnn._run_layers(x, hx, weights, None, lengths)
-    out = pack_padded_sequence(y, lengths.cpu(), enforce_sorted=True).data
+        y, h_n = rnn._run_layers(x.view(T, max_batch, -1), hx, weights, None, lengths)
+    out = y.reshape(T * max_batch, -1).index_select(0, rows)
     return (PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices),
             rnn.permute_hidden(h_n, unsorted_indices))
 
