@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from ._checks import check_backward_args, check_layer_args
+from ._checks import check_backward_args, check_boundaries, check_layer_args
 
 REINSTALL_COMMAND = ("pip install torch==2.13.0 ninja && "
                      "pip install --no-build-isolation --force-reinstall --no-deps .  "
@@ -55,12 +55,16 @@ if loaded():
     # as the Meta kernels, so a meta tensor among CPU tensors is a device error here, never
     # uninitialised memory.
     @torch.library.register_fake("fused_bptt::rnn_forward")
-    def _rnn_forward_fake(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu):
+    def _rnn_forward_fake(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets=None,
+                          lengths=None):
         check_layer_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+        check_boundaries(x, resets, lengths, values=False)
         return x.new_empty(x.shape[0], x.shape[1], weight_hh.shape[0])
 
     @torch.library.register_fake("fused_bptt::rnn_backward")
-    def _rnn_backward_fake(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n=None):
+    def _rnn_backward_fake(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n=None,
+                           resets=None, lengths=None):
         check_backward_args(grad_y, x, h0, weight_ih, weight_hh, y, grad_h_n)
+        check_boundaries(x, resets, lengths, values=False)
         return (x.new_empty(x.shape), x.new_empty(h0.shape), x.new_empty(weight_ih.shape),
                 x.new_empty(weight_hh.shape), x.new_empty(weight_hh.shape[0]))
