@@ -78,7 +78,8 @@ check_version() {
      "$py" -m pip install -v --no-build-isolation --no-deps . > "$dir/build.log" 2>&1)
   rc=$?
   build_s=$(( $(date +%s) - t1 ))
-  config="$(grep -E '^ *(CPU ops|CUDA ops) *:' "$dir/build.log" | sed 's/^ *//' | paste -sd ';' -)"
+  # setup.py runs twice under pip (metadata, then the build): its CUDA line once.
+  config="$(grep -E '^ *CUDA ops *:' "$dir/build.log" | sed 's/^ *//; s/  */ /g' | head -n1)"
   if [ $rc -ne 0 ]; then
     grep -E 'error|fused_bptt:' "$dir/build.log" | head -n 20
     SUMMARY+=("torch $torch_ver: FAIL (build failed after $build_s s; $config)"); FAILED=1; return
@@ -87,9 +88,9 @@ check_version() {
   # From outside the source tree, so that the installed package is what is imported.
   imported="$(cd "$dir" && "$py" -c '
 from fused_bptt import _ops, available_backends
-print("loaded" if _ops.loaded() else f"NOT LOADED: {_ops.LOAD_ERROR}",
-      "CPU kernels" if _ops.has_kernel("CPU") else "no CPU kernels",
-      "+ CUDA kernels" if _ops.has_kernel("CUDA") else "", "backends", "/".join(available_backends()))' 2>&1 | tail -n1)"
+kernels = "+".join(k for k in ("CPU", "CUDA") if _ops.has_kernel(k)) or "none"
+backends = "/".join(available_backends())
+print(f"loaded, kernels {kernels}, backends {backends}" if _ops.loaded() else f"NOT LOADED: {_ops.LOAD_ERROR}")' 2>&1 | tail -n1)"
 
   echo "== torch $torch_ver: running the test suite"
   (cd "$dir/src" && env ${home:+CUDA_HOME="$home"} PATH="$dir/venv/bin:$PATH" \
@@ -97,7 +98,7 @@ print("loaded" if _ops.loaded() else f"NOT LOADED: {_ops.LOAD_ERROR}",
   rc=$?
   tests="$(tail -n1 "$dir/tests.log" | sed 's/^=* *//; s/ *=*$//')"
   # A CUDA build (FORCE_CUDA=1) must also have registered its CUDA kernels.
-  if [ $rc -ne 0 ] || [[ "$imported" != loaded* ]] || { [ $force = 1 ] && [[ "$imported" != *"CUDA kernels"* ]]; }; then
+  if [ $rc -ne 0 ] || [[ "$imported" != loaded* ]] || { [ $force = 1 ] && [[ "$imported" != *"+CUDA"* ]]; }; then
     grep -E '^(FAILED|ERROR)' "$dir/tests.log" | head -n 20
     FAILED=1; tests="FAIL: $tests"
   fi
