@@ -23,7 +23,6 @@ import importlib
 import os
 import re
 import subprocess
-import sys
 
 from setuptools import setup
 

@@ -66,15 +66,16 @@ check_version() {
   fi
   read -r torch_ver cuda < <("$py" -c 'import torch; print(torch.__version__, torch.version.cuda or "-")')
 
-  force=0 home="${CUDA_HOME:-}"
+  # FORCE_CUDA=1 where the CUDA ops can be built; otherwise setup.py's default, which says why not.
+  force="" home="${CUDA_HOME:-}"
   if [ "$cuda" != "-" ]; then
     [ -n "$home" ] || home="$(cd "$dir/src" && "$py" -c \
       "import runpy; print(runpy.run_path('setup.py', run_name='compat')['suggest_cuda_home']('$cuda') or '')")"
     [ -n "$home" ] && force=1
   fi
-  echo "== torch $torch_ver (CUDA $cuda): building (FORCE_CUDA=$force${home:+, CUDA_HOME=$home})"
+  echo "== torch $torch_ver (CUDA $cuda): building (${force:+FORCE_CUDA=1, }CUDA_HOME=${home:-unset})"
   t1=$(date +%s)
-  (cd "$dir/src" && env ${home:+CUDA_HOME="$home"} FORCE_CUDA=$force FUSED_BPTT_UNVERIFIED_TORCH=1 \
+  (cd "$dir/src" && env ${home:+CUDA_HOME="$home"} ${force:+FORCE_CUDA=1} FUSED_BPTT_UNVERIFIED_TORCH=1 \
      "$py" -m pip install -v --no-build-isolation --no-deps . > "$dir/build.log" 2>&1)
   rc=$?
   build_s=$(( $(date +%s) - t1 ))
@@ -98,7 +99,7 @@ print(f"loaded, kernels {kernels}, backends {backends}" if _ops.loaded() else f"
   rc=$?
   tests="$(tail -n1 "$dir/tests.log" | sed 's/^=* *//; s/ *=*$//')"
   # A CUDA build (FORCE_CUDA=1) must also have registered its CUDA kernels.
-  if [ $rc -ne 0 ] || [[ "$imported" != loaded* ]] || { [ $force = 1 ] && [[ "$imported" != *"+CUDA"* ]]; }; then
+  if [ $rc -ne 0 ] || [[ "$imported" != loaded* ]] || { [ -n "$force" ] && [[ "$imported" != *"+CUDA"* ]]; }; then
     grep -E '^(FAILED|ERROR)' "$dir/tests.log" | head -n 20
     FAILED=1; tests="FAIL: $tests"
   fi
