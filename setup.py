@@ -190,8 +190,7 @@ def extension(environ=os.environ):
 
     opt = ["-O0", "-g"] if environ.get("FUSED_BPTT_DEBUG") == "1" else ["-O3"]
     cxx = [CXX_STANDARD, *opt, "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-    sources = (rel("csrc/ops.cpp") + rel("csrc/checks.cpp") + rel("csrc/build_info.cpp")
-               + rel("csrc/cpu/*.cpp"))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")  # csrc/build_info.cpp among them
     with_cuda, why = want_cuda(environ, torch.version.cuda, cpp_extension.CUDA_HOME, torch.__version__)
     kwargs = dict(extra_compile_args={"cxx": [*cxx, build_info_define(torch.__version__)]},
                   extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])

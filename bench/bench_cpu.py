@@ -103,24 +103,21 @@ def _timed(f):
 
 
 def saved_for_backward(model, T, B, H):
-    """Bytes saved for backward by one forward, in units of one [T, B, H] float32 tensor:
-    (all unique storages, those beyond x, h0, the weights and the outputs y and h_n)."""
+    """Memory a forward leaves for backward, in units of one [T, B, H] float32 tensor:
+    (all it allocated and did not free, the part of that beyond the outputs y and h_n).
+
+    Read from the CPU allocator's own accounting through the profiler, so it counts what is
+    really kept, whichever way a graph node holds it (x, h0 and the weights exist before the
+    call and are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
     x = torch.randn(T, B, H, requires_grad=True)
     h0 = torch.randn(1, B, H, requires_grad=True)
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         y, h_n = model(x, h0)
-    known = {t.untyped_storage().data_ptr() for t in [x, h0, y, h_n, *model.parameters()]}
+    kept = sum(e.self_cpu_memory_usage for e in prof.events())
+    outputs = y.untyped_storage().nbytes() + h_n.untyped_storage().nbytes()
     unit = T * B * H * 4
-    total = sum(storages.values()) / unit
-    extra = sum(n for p, n in storages.items() if p not in known) / unit
-    return total, extra
+    return kept / unit, (kept - outputs) / unit
 
 
 def sgemm_gflops(n=2048, threads=None):
@@ -247,9 +244,9 @@ def print_summary(rows, targets, quick, mem, gemm_rate, load_before, path):
         + "".join(f"\n  T={r['T']} B={r['B']} H={r['H']} {r['mode']}: "
                   f"{r['speedup_vs_nn']:.2f}x" for r in slower))
     (T, B, H), m = mem
-    out(f"saved for backward at T/B/H={T}/{B}/{H}, in units of [T,B,H] float32: "
-        + "; ".join(f"{name} {tot:.2f} in all, {extra:.2f} beyond x, h0, weights, y, h_n"
-                    for name, (tot, extra) in m.items()))
+    out(f"kept for backward at T/B/H={T}/{B}/{H} (allocator accounting), in units of [T,B,H] "
+        f"float32: " + "; ".join(f"{name} {tot:.2f} allocated and kept by the forward, "
+                                 f"{extra:.2f} beyond y and h_n" for name, (tot, extra) in m.items()))
     shape = targets[-1][0]
     cpp = lookup(rows, shape, "fwd+bwd", "cpp")
     rate = flops_fwd_bwd(*shape) / (cpp["ms"] * 1e-3) / 1e9

@@ -5,6 +5,10 @@ training forward and of forward + backward, measured with CUDA events, fused and
 in rounds so clock and thermal drift hit both alike; the median over rounds is reported, with the
 ratio cuDNN / fused (> 1: fused is faster) and the time per recurrent step.
 
+cuDNN is timed twice: with TF32 (torch.backends.cudnn.allow_tf32, on by default: float32 GEMMs
+rounded to 10-bit mantissas, about 1e-3 relative error) and without it (full float32, the
+precision fused_bptt computes in). Both ratios are reported.
+
 Writes bench/results/gpu_<device>.csv and, where matplotlib is installed, gpu_<device>.png.
 Never asserts speed. Run by bench/gpu.sh after the CUDA tests pass.
 
@@ -38,6 +42,20 @@ def time_ms(fn, rounds_out, warmup):
     rounds_out.append(start.elapsed_time(end))
 
 
+class cudnn_tf32:
+    """Within the block, cuDNN may (True) or may not (False) round float32 to TF32."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.allowed
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32 = self.saved
+
+
 def bench_one(B, H, T, rounds, warmup):
     torch.manual_seed(0)
     I = H
@@ -47,31 +65,39 @@ def bench_one(B, H, T, rounds, warmup):
     h0 = torch.zeros(1, B, H, device="cuda")
     grad = torch.randn(T, B, H, device="cuda")
 
-    def forward(model):
-        return lambda: model(x, h0)
-
-    def forward_backward(model):
+    def forward(model, tf32=False):
         def run():
-            out, _ = model(x, h0)
-            out.backward(grad)
+            with cudnn_tf32(tf32):
+                model(x, h0)
         return run
 
-    # Same answer first: a benchmark of a wrong kernel is worthless.
-    with torch.no_grad():
+    def forward_backward(model, tf32=False):
+        def run():
+            with cudnn_tf32(tf32):
+                out, _ = model(x, h0)
+                out.backward(grad)
+        return run
+
+    # Same answer first: a benchmark of a wrong kernel is worthless (cuDNN without TF32).
+    with torch.no_grad(), cudnn_tf32(False):
         out_f, out_c = fused(x, h0)[0], cudnn(x, h0)[0]
     err = (out_f - out_c).abs().max().item()
 
-    times = {k: [] for k in ("fused_fwd", "cudnn_fwd", "fused_fwdbwd", "cudnn_fwdbwd")}
+    runs = {"fused_fwd": forward(fused), "cudnn_fwd": forward(cudnn, True),
+            "cudnn_fp32_fwd": forward(cudnn), "fused_fwdbwd": forward_backward(fused),
+            "cudnn_fwdbwd": forward_backward(cudnn, True),
+            "cudnn_fp32_fwdbwd": forward_backward(cudnn)}
+    times = {k: [] for k in runs}
     for _ in range(rounds):
-        time_ms(forward(fused), times["fused_fwd"], warmup)
-        time_ms(forward(cudnn), times["cudnn_fwd"], warmup)
-        time_ms(forward_backward(fused), times["fused_fwdbwd"], warmup)
-        time_ms(forward_backward(cudnn), times["cudnn_fwdbwd"], warmup)
+        for k, fn in runs.items():
+            time_ms(fn, times[k], warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {k: f"{med[f'cudnn{c}_{m}'] / med[f'fused_{m}']:.3f}"
+             for k, c, m in [("fwd_speedup", "", "fwd"), ("fwdbwd_speedup", "", "fwdbwd"),
+                             ("fwd_speedup_fp32", "_fp32", "fwd"),
+                             ("fwdbwd_speedup_fp32", "_fp32", "fwdbwd")]}
     return dict(B=B, H=H, T=T, I=I, max_abs_diff_vs_cudnn=f"{err:.2e}",
-                **{f"{k}_ms": f"{v:.4f}" for k, v in med.items()},
-                fwd_speedup=f"{med['cudnn_fwd'] / med['fused_fwd']:.3f}",
-                fwdbwd_speedup=f"{med['cudnn_fwdbwd'] / med['fused_fwdbwd']:.3f}",
+                **{f"{k}_ms": f"{v:.4f}" for k, v in med.items()}, **ratio,
                 fused_fwd_us_per_step=f"{1000 * med['fused_fwd'] / T:.2f}",
                 fused_fwdbwd_us_per_step=f"{1000 * med['fused_fwdbwd'] / T:.2f}",
                 cudnn_fwdbwd_us_per_step=f"{1000 * med['cudnn_fwdbwd'] / T:.2f}")
@@ -90,21 +116,26 @@ def plot(rows, path, device):
     for ax, T in zip(axes[0], Ts):
         for B in sorted({r["B"] for r in rows}):
             sel = [r for r in rows if r["T"] == T and r["B"] == B]
-            ax.plot([r["H"] for r in sel], [float(r["fwdbwd_speedup"]) for r in sel], marker="o", label=f"B={B}")
+            hs = [r["H"] for r in sel]
+            ax.plot(hs, [float(r["fwdbwd_speedup"]) for r in sel], marker="o",
+                    label=f"B={B}")
+            ax.plot(hs, [float(r["fwdbwd_speedup_fp32"]) for r in sel], marker="x", ls=":",
+                    color=ax.lines[-1].get_color(), label=f"B={B}, cuDNN without TF32")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.axhline(2.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("hidden size H (I = H)")
         ax.set_ylabel("cuDNN time / fused time, forward + backward")
+        ax.legend(fontsize=7)
         ax.set_title(f"T = {T}, fp32, {device}")
-        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one configuration, a smoke run")
     ap.add_argument("--rounds", type=int, default=15, help="timed rounds per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls before each timed one")
@@ -117,12 +148,16 @@ def main():
                  "(FORCE_CUDA=1 python setup.py build_ext --inplace)")
     device = torch.cuda.get_device_name()
     tag = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
-    Bs, Hs, Ts = ([8], [256], [64]) if args.quick else ([1, 8, 32, 128], [128, 256, 512, 1024], [64, 256])
+    if args.quick:
+        Bs, Hs, Ts = [8], [256], [64]
+    else:
+        Bs, Hs, Ts = [1, 8, 32, 128], [128, 256, 512, 1024], [64, 256]
     path_env = os.environ.get("FUSED_BPTT_CUDA_PATH", "auto")
     print(f"device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"cuDNN {torch.backends.cudnn.version()}; fused path: {path_env}")
-    header = f"{'B':>4} {'H':>5} {'T':>4} | {'fwd ms':>8} {'cuDNN':>8} {'x':>5} | {'f+b ms':>8} {'cuDNN':>8} {'x':>5} | {'us/step f+b':>11}"
-    print(header)
+    print("x: cuDNN time / fused time (cuDNN with TF32, its default; fp32: without)")
+    print(f"{'B':>4} {'H':>5} {'T':>4} | {'fwd ms':>8} {'cuDNN':>8} {'x':>5} {'fp32':>5} | "
+          f"{'f+b ms':>8} {'cuDNN':>8} {'x':>5} {'fp32':>5} | {'us/step f+b':>11}")
     rows = []
     for T in Ts:
         for H in Hs:
@@ -130,8 +165,10 @@ def main():
                 r = bench_one(B, H, T, args.rounds, args.warmup)
                 r.update(device=device, path=path_env)
                 rows.append(r)
-                print(f"{B:>4} {H:>5} {T:>4} | {r['fused_fwd_ms']:>8} {r['cudnn_fwd_ms']:>8} {r['fwd_speedup']:>5} | "
-                      f"{r['fused_fwdbwd_ms']:>8} {r['cudnn_fwdbwd_ms']:>8} {r['fwdbwd_speedup']:>5} | "
+                print(f"{B:>4} {H:>5} {T:>4} | {r['fused_fwd_ms']:>8} {r['cudnn_fwd_ms']:>8} "
+                      f"{r['fwd_speedup']:>5} {r['fwd_speedup_fp32']:>5} | "
+                      f"{r['fused_fwdbwd_ms']:>8} {r['cudnn_fwdbwd_ms']:>8} "
+                      f"{r['fwdbwd_speedup']:>5} {r['fwdbwd_speedup_fp32']:>5} | "
                       f"{r['fused_fwdbwd_us_per_step']:>11}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ void check_sizes(const at::Tensor& t, const char* name, at::IntArrayRef expected
 
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x,
                   at::IntArrayRef expected) {
-  TORCH_CHECK(t.defined(), "fused_bptt: ", name, " is undefined");
+  TORCH_CHECK(t.defined(), "fused_bptt: ", name, " is missing (got None); expected a tensor of shape ",
+              expected);
   check_sizes(t, name, expected);
   check_float_dtype(t, name, x.scalar_type());
   check_same_device(t, name, x);
@@ -35,6 +36,9 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x,
 RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& weight_ih,
                               const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                               const std::optional<at::Tensor>& bias_hh) {
+  TORCH_CHECK(x.defined(), "fused_bptt: x is missing (got None); expected a [T, B, I] tensor");
+  TORCH_CHECK(weight_hh.defined(),
+              "fused_bptt: weight_hh is missing (got None); expected an [H, H] tensor");
   TORCH_CHECK(x.dim() == 3, "fused_bptt: x must be 3-D [T, B, I], but got a ", x.dim(),
               "-D tensor of shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -54,10 +58,11 @@ RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const a
 
 RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                                const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                               const at::Tensor& y) {
+                               const at::Tensor& y, const std::optional<at::Tensor>& grad_h_n) {
   const RnnShape s = check_forward_inputs(x, h0, weight_ih, weight_hh, std::nullopt, std::nullopt);
   check_tensor(y, "y", x, {s.T, s.B, s.H});
   check_tensor(grad_y, "grad_y", x, {s.T, s.B, s.H});
+  if (grad_h_n.has_value()) check_tensor(*grad_h_n, "grad_h_n", x, {s.B, s.H});
   return s;
 }
 

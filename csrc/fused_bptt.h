@@ -15,8 +15,10 @@
 //            recurrence h_{t-1} W_hh^T is sequential. The only tensor saved for backward is y:
 //            act'(z_t) is 1 - y_t^2 (tanh) or [y_t > 0] (relu), and h_{t-1} is y_{t-1} (h0 at t = 0).
 //
-// Backward (one call, reverse time), given grad_y = dL/dy [T, B, H]:
-//            dz_t   = (grad_y_t + dz_{t+1} W_hh) * act'(z_t)        (dz_T = 0)
+// Backward (one call, reverse time), given grad_y = dL/dy [T, B, H] and optionally
+// grad_h_n = dL/dh_n [B, H] (h_n is y[T-1]; its gradient is added to grad_y[T-1] inside the op, so
+// the caller never builds a [T, B, H] sum):
+//            dz_t   = (grad_y_t + [t = T-1] grad_h_n + dz_{t+1} W_hh) * act'(z_t)   (dz_T = 0)
 //            dh0    = dz_0 W_hh
 //            dW_hh  = sum_t dz_t^T h_{t-1}      dW_ih = sum_t dz_t^T x_t
 //            db     = sum_t sum_b dz_t           (the gradient of b_ih and of b_hh alike)
@@ -44,10 +46,11 @@ RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const a
                               const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                               const std::optional<at::Tensor>& bias_hh);
 
-// Validates the backward arguments: the forward ones plus grad_y and y, both [T, B, H].
+// Validates the backward arguments: the forward ones plus grad_y and y, both [T, B, H], and
+// grad_h_n [B, H] when given.
 RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                                const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                               const at::Tensor& y);
+                               const at::Tensor& y, const std::optional<at::Tensor>& grad_h_n);
 
 using RnnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -57,9 +60,9 @@ using RnnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::
 inline constexpr const char* kRnnForwardSchema =
     "rnn_forward(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
     "Tensor? bias_hh, bool relu) -> Tensor";
-// (dx, dh0, dW_ih, dW_hh, db) from grad_y and the saved y.
+// (dx, dh0, dW_ih, dW_hh, db) from grad_y (+ grad_h_n at the last step) and the saved y.
 inline constexpr const char* kRnnBackwardSchema =
     "rnn_backward(Tensor grad_y, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, "
-    "Tensor y, bool relu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
+    "Tensor y, bool relu, Tensor? grad_h_n=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
 
 }  // namespace fused_bptt

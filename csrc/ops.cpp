@@ -9,6 +9,15 @@
 TORCH_LIBRARY(fused_bptt, m) {
   m.def(fused_bptt::kRnnForwardSchema);
   m.def(fused_bptt::kRnnBackwardSchema);
+  // One layer with its autograd in C++ (autograd.cpp): the eager training path.
+  m.def(
+      "rnn_layer(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+      "Tensor? bias_hh, bool relu) -> (Tensor, Tensor)");
+  // The 6 input gradients of rnn_layer built from differentiable ops (the entries of absent biases
+  // are empty): implemented in Python (fused_bptt/function.py), for double backward.
+  m.def(
+      "rnn_layer_grads(Tensor? grad_y, Tensor? grad_h_n, Tensor x, Tensor h0, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool relu) -> Tensor[]");
 }
 
 // `import fused_bptt._C` loads this shared library, which runs the registrations above.

@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from ._checks import check_backward_args, check_layer_args
+
 # No torch version in it: the package accepts a range, and the rebuild must use the torch installed.
 REINSTALL_COMMAND = ("pip install ninja && pip install --no-build-isolation --force-reinstall --no-deps .  "
                      "(from the fused_bptt source checkout, in the environment that runs it)")
@@ -85,15 +87,17 @@ def has_kernel(dispatch_key: str) -> bool:
 
 
 if loaded():
+    # The fake (meta) kernels: the checks of the real kernels, in Python so that sizes may be
+    # symbolic under torch.compile(dynamic=True), then outputs of the right shape. They also serve
+    # as the Meta kernels, so a meta tensor among CPU tensors is a device error here, never
+    # uninitialised memory.
     @torch.library.register_fake("fused_bptt::rnn_forward")
     def _rnn_forward_fake(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu):
-        torch._check(x.dim() == 3, lambda: f"x must be [T, B, I], got shape {tuple(x.shape)}")
+        check_layer_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
         return x.new_empty(x.shape[0], x.shape[1], weight_hh.shape[0])
 
     @torch.library.register_fake("fused_bptt::rnn_backward")
-    def _rnn_backward_fake(grad_y, x, h0, weight_ih, weight_hh, y, relu):
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                torch.empty_like(h0, memory_format=torch.contiguous_format),
-                torch.empty_like(weight_ih, memory_format=torch.contiguous_format),
-                torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
-                weight_hh.new_empty(weight_hh.shape[0]))
+    def _rnn_backward_fake(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n=None):
+        check_backward_args(grad_y, x, h0, weight_ih, weight_hh, y, grad_h_n)
+        return (x.new_empty(x.shape), x.new_empty(h0.shape), x.new_empty(weight_ih.shape),
+                x.new_empty(weight_hh.shape), x.new_empty(weight_hh.shape[0]))

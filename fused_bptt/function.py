@@ -7,25 +7,21 @@
 Backends: "cuda" (CUDA tensors), "cpp" (CPU tensors), "reference" (pure PyTorch, any device/dtype).
 "auto" takes the first of available_backends() that runs the given tensors.
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _ops, reference
+from ._checks import check_layer_args
 
 BACKENDS = ("cuda", "cpp", "reference")
+BACKEND_CHOICES = ("auto",) + BACKENDS
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_DEVICE_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu"}
 
 
-@functools.lru_cache(maxsize=None)
-def available_backends() -> Tuple[str, ...]:
-    """The backends that really work here, in preference order.
-
-    Computed once: the compiled kernels and the CUDA driver do not come and go within a process.
-    """
+def _find_backends() -> Tuple[str, ...]:
     found = []
     if _ops.has_kernel("CUDA") and torch.cuda.is_available():
         found.append("cuda")
@@ -35,15 +31,25 @@ def available_backends() -> Tuple[str, ...]:
     return tuple(found)
 
 
-def _device_of_backend(backend: str) -> str:
-    return {"cuda": "cuda", "cpp": "cpu"}[backend]
+# Found once, at import: the compiled kernels and the CUDA driver do not come and go within a
+# process, and torch.compile then reads a constant instead of tracing the lookup.
+_AVAILABLE_BACKENDS = _find_backends()
+
+
+def available_backends() -> Tuple[str, ...]:
+    """The backends that really work here, in preference order."""
+    return _AVAILABLE_BACKENDS
+
+
+def check_backend_name(backend, who: str = "fused_bptt") -> None:
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"{who}: backend must be one of "
+                         f"{', '.join(repr(b) for b in BACKEND_CHOICES)}, but got {backend!r}")
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
     """The backend that will run `x`; raises ValueError/RuntimeError for one that cannot."""
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"fused_bptt: backend must be one of 'auto', 'cuda', 'cpp', 'reference', "
-                         f"but got {backend!r}")
+    check_backend_name(backend)
     if backend == "reference":
         return backend
     if not _ops.loaded():
@@ -56,13 +62,13 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     available = available_backends()
     if backend == "auto":
         for name in available[:-1]:
-            if x.device.type == _device_of_backend(name) and x.dtype in _KERNEL_DTYPES:
+            if x.device.type == _DEVICE_OF_BACKEND[name] and x.dtype in _KERNEL_DTYPES:
                 return name
         return "reference"
     if backend not in available:
         raise RuntimeError(f"fused_bptt: backend {backend!r} is not available here; available "
                            f"backends: {available}")
-    wanted = _device_of_backend(backend)
+    wanted = _DEVICE_OF_BACKEND[backend]
     if x.device.type != wanted:
         raise ValueError(f"fused_bptt: backend {backend!r} runs {wanted} tensors, but x is on "
                          f"{x.device}")
@@ -72,89 +78,151 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
+def _needs_differentiable_ops(args) -> bool:
+    """True where the autograd.Function cannot serve: inside a torch.func transform (grad, vmap,
+    jvp, jacrev, ...; also autograd.grad(is_grads_batched=True)) or with forward-mode AD dual
+    tensors. There the layer runs the reference's plain PyTorch ops, which every transform
+    differentiates and batches exactly (slower, never wrong)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+                   for t in args)
+    return False
+
+
+def _forward_op(*args) -> Tensor:
+    """The forward op, without the Python autograd kernel registered on it below (that one is for
+    traced graphs; here no graph is wanted, and it would cost a Python round trip per call)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fused_bptt.rnn_forward(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fused_bptt.rnn_forward(*args)
+
+
+def _differentiable_grads(saved, relu, grad_y, grad_h_n):
+    """(dx, dh0, dW_ih, dW_hh, db) of one layer made of differentiable ops: the reference
+    recomputes the layer and runs its hand-written backward. Used where the backward must itself
+    be differentiated (create_graph=True: double backward, gradient penalties, Hessian-vector
+    products) or batched (autograd.grad(is_grads_batched=True) vmaps the backward)."""
+    x, h0, weight_ih, weight_hh = saved[:4]
+    with torch.enable_grad():
+        y = reference.rnn_forward(*saved, relu)
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    return reference.rnn_backward(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n)
+
+
+def _grads(saved, y, relu, grad_y, grad_h_n):
+    """The backward of one layer: the 7 gradients of (x, h0, weight_ih, weight_hh, bias_ih,
+    bias_hh, relu) from the saved inputs and y; the compiled backward op adds grad_h_n at T-1."""
+    # (torch.compile traces this backward once, with grad mode on, into a graph that is never
+    # differentiated again: AOTAutograd refuses double backward itself.)
+    if not torch.compiler.is_compiling() and (
+            torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
+        dx, dh0, dw_ih, dw_hh, db = _differentiable_grads(saved, relu, grad_y, grad_h_n)
+    else:
+        x, h0, weight_ih, weight_hh = saved[:4]
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_bptt.rnn_backward(
+            grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n)
+    # The two biases get equal gradients; give each its own tensor so their .grad never alias.
+    bias_ih, bias_hh = saved[4:]
+    db_ih = db if bias_ih is not None else None
+    db_hh = (db.clone() if bias_ih is not None else db) if bias_hh is not None else None
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None
+
+
+def _rnn_layer_grads(grad_y, grad_h_n, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu):
+    """fused_bptt::rnn_layer_grads, which the C++ autograd of rnn_layer (csrc/autograd.cpp) calls
+    for a differentiable backward; absent biases get an empty entry."""
+    saved = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    dx, dh0, dw_ih, dw_hh, db = _differentiable_grads(saved, relu, grad_y, grad_h_n)
+    empty = x.new_empty(0)
+    return [dx, dh0, dw_ih, dw_hh, db if bias_ih is not None else empty,
+            (db.clone() if bias_ih is not None else db) if bias_hh is not None else empty]
+
+
 class RNNLayerFunction(torch.autograd.Function):
-    """One layer, one direction, through the compiled ops; returns (y, h_n).
+    """One layer, one direction, through the compiled ops; returns (y, h_n). The autograd of
+    rnn_layer (csrc/autograd.cpp) in Python, for the paths that need a Python Function: Dynamo
+    traces it under torch.compile (the compiled graph is functional: an in-place change of y
+    after the forward cannot reach the saved y), and saved-tensor hooks (activation checkpointing,
+    offloading) see every tensor it saves.
 
     Saved for backward: x, h0, the weights and y, the layer's own output (no extra [T, B, H]
-    tensor: the nonlinearity's derivative and h_{t-1} are both read off y).
-    h_n is an output of its own (a copy of y[T-1], so a carried-over state does not keep the
-    chunk's y alive); its gradient is folded into grad_y[T-1] here, which is cheaper than
-    autograd's route through a select of y (a zero [T, B, H] tensor and a full add).
+    tensor: the nonlinearity's derivative and h_{t-1} are both read off y). h_n is an output of
+    its own (a copy of y[T-1], so a carried-over state does not keep the chunk's y alive); the
+    backward op adds its gradient at step T-1 itself.
     """
 
     @staticmethod
     def forward(ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu):
-        y = torch.ops.fused_bptt.rnn_forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
-        ctx.save_for_backward(x, h0, weight_ih, weight_hh, y)
+        y = _forward_op(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu)
         ctx.relu = relu
-        ctx.bias_given = (bias_ih is not None, bias_hh is not None)
         ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, y)
         return y, y[-1].clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, grad_h_n):
-        x, h0, weight_ih, weight_hh, y = ctx.saved_tensors
         if grad_y is None and grad_h_n is None:
             return (None,) * 7
-        if grad_h_n is not None:
-            # A contiguous copy of our own: the incoming grad_y is not ours to modify.
-            grad_y = (torch.zeros_like(y) if grad_y is None
-                      else grad_y.clone(memory_format=torch.contiguous_format))
-            grad_y[-1] += grad_h_n
-        dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_bptt.rnn_backward(
-            grad_y, x, h0, weight_ih, weight_hh, y, ctx.relu)
-        has_ih, has_hh = ctx.bias_given
-        # The two biases get equal gradients; give each its own tensor so their .grad never alias.
-        db_ih = db if has_ih else None
-        db_hh = (db.clone() if has_ih else db) if has_hh else None
-        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None
+        *saved, y = ctx.saved_tensors
+        return _grads(saved, y, ctx.relu, grad_y, grad_h_n)
 
 
-def _check_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
-    """User-facing checks shared by every backend (the ops check again in C++)."""
-    for name, t in (("x", x), ("h0", h0), ("weight_ih", weight_ih), ("weight_hh", weight_hh)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"fused_bptt: {name} must be a Tensor, but got {type(t).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"fused_bptt: x must be 3-D [T, B, I], but got shape {tuple(x.shape)}")
-    T, B, I = x.shape
-    if T < 1:
-        raise ValueError("fused_bptt: x must hold at least one time step, but T = 0")
-    if weight_hh.dim() != 2 or weight_hh.shape[0] != weight_hh.shape[1]:
-        raise ValueError(f"fused_bptt: weight_hh must be [H, H], but got shape "
-                         f"{tuple(weight_hh.shape)}")
-    H = weight_hh.shape[0]
-    expected = {"h0": (h0, (B, H)), "weight_ih": (weight_ih, (H, I)),
-                "bias_ih": (bias_ih, (H,)), "bias_hh": (bias_hh, (H,))}
-    for name, (t, shape) in expected.items():
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"fused_bptt: {name} must have shape {shape}, but got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"fused_bptt: {name} must have dtype {x.dtype} (the dtype of x), "
-                            f"but got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"fused_bptt: {name} must be on {x.device} (the device of x), "
-                             f"but is on {t.device}")
+def _op_setup_context(ctx, inputs, output):
+    *args, relu = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(*args, output)
+
+
+def _op_backward(ctx, grad_y):
+    *saved, y = ctx.saved_tensors
+    return _grads(saved, y, ctx.relu, grad_y, None)
+
+
+if _ops.loaded():
+    # Autograd of the forward op itself, for code that calls it outside the autograd.Function:
+    # a torch.jit.trace graph (which records the op) and direct calls of torch.ops.fused_bptt.
+    torch.library.register_autograd("fused_bptt::rnn_forward", _op_backward,
+                                    setup_context=_op_setup_context)
+    _LIBRARY = torch.library.Library("fused_bptt", "IMPL")
+    _LIBRARY.impl("rnn_layer_grads", _rnn_layer_grads, "CompositeImplicitAutograd")
+
+
+def layer_forward(backend: str, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                  bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+                  relu: bool) -> Tuple[Tensor, Tensor]:
+    """One layer on a resolved backend, arguments already checked; returns (y, h_n)."""
+    args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    if backend == "reference" or (not torch.compiler.is_compiling()
+                                  and _needs_differentiable_ops(args)):
+        y = reference.rnn_forward(*args, relu)
+    elif torch.jit.is_tracing():
+        # The op with its registered autograd: one graph for the trace, with or without grad.
+        y = torch.ops.fused_bptt.rnn_forward(*args, relu)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        if (torch.compiler.is_compiling()
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            # The Python Function: Dynamo traces it, and saved-tensor hooks see y through it.
+            return RNNLayerFunction.apply(*args, relu)
+        return torch.ops.fused_bptt.rnn_layer(*args, relu)  # autograd in C++: eager training
+    else:  # no graph is recorded: the op alone, without the autograd.Function's bookkeeping
+        y = _forward_op(*args, relu)
+    # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
+    return y, y[-1].clone()
 
 
 def rnn_layer(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
               relu: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """One layer of a tanh (or relu) RNN over a whole chunk; returns (y [T,B,H], h_n [B,H])."""
-    _check_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-    name = resolve_backend(backend, x)
-    args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-    if name == "reference":
-        y = reference.rnn_forward(*args, relu)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return RNNLayerFunction.apply(*args, relu)
-    else:  # inference: the op alone, without the autograd.Function's bookkeeping
-        y = torch.ops.fused_bptt.rnn_forward(*args, relu)
-    # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
-    return y, y[-1].clone()
+    check_layer_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+    return layer_forward(resolve_backend(backend, x), x, h0, weight_ih, weight_hh, bias_ih,
+                         bias_hh, relu)
 
 
 def rnn_tanh(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .function import BACKENDS, rnn_layer
+from .export import onnx_export_active, onnx_forward
+from .function import check_backend_name, layer_forward, resolve_backend
 
 
 class FusedRNN(nn.RNN):
@@ -29,12 +30,12 @@ class FusedRNN(nn.RNN):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 backend: str = "auto") -> None:
-        if backend not in BACKENDS + ("auto",):
-            raise ValueError(f"FusedRNN: backend must be one of 'auto', 'cuda', 'cpp', "
-                             f"'reference', but got {backend!r}")
+                 backend: str = "auto", **kwargs) -> None:
+        check_backend_name(backend, "FusedRNN")
+        # Other keywords (proj_size, ...) go to nn.RNN, which accepts or rejects them itself,
+        # with its own errors.
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
-                         dropout, bidirectional, device=device, dtype=dtype)
+                         dropout, bidirectional, device=device, dtype=dtype, **kwargs)
         self.backend = backend
 
     @classmethod
@@ -58,6 +59,8 @@ class FusedRNN(nn.RNN):
         return super().extra_repr() + f", backend={self.backend!r}"
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if onnx_export_active():  # torch.onnx.export: the graph is ONNX's RNN op (export.py)
+            return onnx_forward(self, input, hx)
         if isinstance(input, PackedSequence):
             raise NotImplementedError(
                 "FusedRNN does not take a PackedSequence yet; pad the batch "
@@ -78,15 +81,21 @@ class FusedRNN(nn.RNN):
         elif hx is not None and hx.dim() != 3:
             raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got "
                                f"{hx.dim()}-D tensor")
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        # Autocast: nn.RNN's policy (its op is on autocast's lower-precision list): floating
+        # tensors other than float64 run in the autocast dtype, and so does the output.
+        autocast = torch.is_autocast_enabled(input.device.type)
+        if autocast:
+            low = torch.get_autocast_dtype(input.device.type)
+            input, hx, *weights = [_autocast_cast(t, low) for t in (input, hx, *weights)]
         if hx is None:
             hx = torch.zeros(self.num_layers * num_directions, input.size(batch_dim),
                              self.hidden_size, dtype=input.dtype, device=input.device)
-        self.check_forward_args(input, hx, None)
-        weight_dtype = self.weight_ih_l0.dtype
-        if input.dtype != weight_dtype:
+        if input.dtype != weights[0].dtype:
             raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype "
-                             f"({weight_dtype}). Convert input: input.to({weight_dtype}), or "
-                             f"convert model: model.to({input.dtype})")
+                             f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
+                             f"or convert model: model.to({input.dtype})")
+        self._check_sizes(input, hx)
         if hx.dtype != input.dtype:
             raise ValueError(f"RNN hx dtype ({hx.dtype}) does not match input dtype "
                              f"({input.dtype}). Convert it: hx.to({input.dtype})")
@@ -95,7 +104,11 @@ class FusedRNN(nn.RNN):
         if input.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        output, h_n = self._run_layers(input, hx)
+        if autocast:
+            with torch.autocast(input.device.type, enabled=False):
+                output, h_n = self._run_layers(input, hx, weights)
+        else:
+            output, h_n = self._run_layers(input, hx, weights)
 
         if self.batch_first:
             output = output.transpose(0, 1)
@@ -104,40 +117,73 @@ class FusedRNN(nn.RNN):
             h_n = h_n.squeeze(1)
         return output, h_n
 
-    def _run_layers(self, x: Tensor, hx: Tensor) -> Tuple[Tensor, Tensor]:
-        """x: [T, B, I] time-major, hx: [num_layers * num_directions, B, H]."""
+    def _check_sizes(self, input: Tensor, hx: Tensor) -> None:
+        """nn.RNN's size checks and messages (check_input / check_hidden_size), input batched."""
+        if input.dim() != 3:
+            raise RuntimeError(f"input must have 3 dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.size(-1)}")
+        self.check_hidden_size(hx, self.get_expected_hidden_size(input, None))
+
+    def _run_layers(self, x: Tensor, hx: Tensor, weights) -> Tuple[Tensor, Tensor]:
+        """x: [T, B, I] time-major, hx: [num_layers * num_directions, B, H], weights in
+        nn.RNN's order (_flat_weights_names). The module has checked every shape: each layer
+        goes straight to the backend (the ops check again, in C++)."""
         num_directions = 2 if self.bidirectional else 1
         relu = self.nonlinearity == "relu"
+        backend = resolve_backend(self.backend, x)
+        per_layer = 4 if self.bias else 2
         finals = []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
-                params = [getattr(self, name) for name in self._all_weights[index]]
-                weight_ih, weight_hh = params[0], params[1]
-                bias_ih, bias_hh = (params[2], params[3]) if self.bias else (None, None)
+                w = weights[index * per_layer:(index + 1) * per_layer]
+                bias_ih, bias_hh = (w[2], w[3]) if self.bias else (None, None)
                 # The reverse direction is the forward recurrence over the time-flipped input.
                 layer_in = x if direction == 0 else x.flip(0)
-                y, h_last = rnn_layer(layer_in, hx[index], weight_ih, weight_hh, bias_ih, bias_hh,
-                                      relu=relu, backend=self.backend)
+                y, h_last = layer_forward(backend, layer_in, hx[index], w[0], w[1], bias_ih,
+                                          bias_hh, relu)
                 outputs.append(y if direction == 0 else y.flip(0))
                 finals.append(h_last)
             x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        return x, torch.stack(finals)
+        return x, (finals[0].unsqueeze(0) if len(finals) == 1 else torch.stack(finals))
+
+
+def _autocast_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """What autocast does to an argument of a lower-precision op: floating tensors other than
+    float64 are cast (differentiably) to the autocast dtype; the rest pass unchanged."""
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
 
 
 def swap_rnn(model: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Replaces, in place, every torch.nn.RNN inside `model` with a FusedRNN holding the same
-    weights, and returns `model` (or the new FusedRNN when `model` itself is an nn.RNN).
+    """Turns, in place, every torch.nn.RNN inside `model` (or `model` itself) into a FusedRNN,
+    and returns `model`.
 
-    Parameters are new objects: build the optimizer after swapping.
+    The module objects stay the same and only change class: the parameters (so an optimizer
+    built before swapping keeps working), requires_grad flags, parametrizations, forward and
+    backward hooks, training mode, device and dtype are all kept.
     """
-    if isinstance(model, nn.RNN) and not isinstance(model, FusedRNN):
-        return FusedRNN.from_rnn(model, backend=backend)
-    for name, child in model.named_children():
-        swapped = swap_rnn(child, backend=backend)
-        if swapped is not child:
-            setattr(model, name, swapped)
+    check_backend_name(backend, "swap_rnn")
+    for module in model.modules():
+        if isinstance(module, nn.RNN) and not isinstance(module, FusedRNN):
+            module.__class__ = _fused_class_for(type(module))
+            module.backend = backend
     return model
+
+
+def _fused_class_for(cls: type) -> type:
+    """FusedRNN for nn.RNN. For a subclass of nn.RNN made by torch.nn.utils.parametrize
+    (it holds the parametrized weights as properties), the same subclass of FusedRNN."""
+    if cls is nn.RNN:
+        return FusedRNN
+    if cls.__bases__ == (nn.RNN,) and cls.__name__.startswith("Parametrized"):
+        members = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        return type(f"Parametrized{FusedRNN.__name__}", (FusedRNN,), members)
+    raise TypeError(f"swap_rnn: cannot swap {cls.__name__}, a subclass of torch.nn.RNN whose "
+                    f"forward may differ; build a FusedRNN with FusedRNN.from_rnn(module) instead")

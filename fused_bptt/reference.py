@@ -36,20 +36,28 @@ def rnn_forward(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
 
 
 def rnn_backward(grad_y: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                 y: Tensor, relu: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 y: Tensor, relu: bool = False,
+                 grad_h_n: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The reverse-time backward written out by hand from y alone.
 
     Returns (dx, dh0, dW_ih, dW_hh, db) as the compiled `rnn_backward` op does:
-        dz_t = (grad_y_t + dz_{t+1} W_hh) * act'(z_t),  act'(z_t) = 1 - y_t^2 or [y_t > 0]
+        dz_t = (grad_y_t + [t = T-1] grad_h_n + dz_{t+1} W_hh) * act'(z_t)
+    with act'(z_t) = 1 - y_t^2 (tanh); for relu, dz_t is 0 where y_t <= 0 and the incoming
+    gradient elsewhere, as autograd's relu backward (so a NaN in y passes the gradient on).
+    Differentiable by autograd (no in-place writes), which the double backward relies on.
     """
     T = y.shape[0]
     h_prev = torch.cat([h0.unsqueeze(0), y[:-1]])          # h_{t-1} for every t
-    dact = (y > 0).to(y.dtype) if relu else 1 - y * y
-    dz = torch.empty_like(y)
+    dzs = []
     carry = torch.zeros_like(h0)                            # dz_{t+1} W_hh
     for t in reversed(range(T)):
-        dz[t] = (grad_y[t] + carry) * dact[t]
-        carry = dz[t] @ weight_hh
+        g = grad_y[t] + carry
+        if t == T - 1 and grad_h_n is not None:
+            g = g + grad_h_n
+        dz_t = torch.where(y[t] <= 0, torch.zeros_like(g), g) if relu else g * (1 - y[t] * y[t])
+        dzs.append(dz_t)
+        carry = dz_t @ weight_hh
+    dz = torch.stack(dzs[::-1])
     dh0 = carry
     dz2 = dz.reshape(-1, dz.shape[-1])
     dW_hh = dz2.t() @ h_prev.reshape(-1, h_prev.shape[-1])

@@ -16,5 +16,5 @@ def test_cpu_bench_quick_run(tmp_path):
     assert {r["impl"] for r in rows} >= {"cpp", "nn", "reference"}, rows[:2]
     assert all(float(r["ms"]) > 0 for r in rows)
     summary = (tmp_path / "cpu_summary.txt").read_text()
-    assert "saved for backward" in summary
+    assert "kept for backward" in summary
     assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in tmp_path.iterdir())

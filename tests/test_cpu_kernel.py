@@ -12,7 +12,7 @@ import torch
 
 from fused_bptt import _ops, reference
 
-from conftest import assert_close, make_layer_inputs
+from conftest import GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
 
 pytestmark = pytest.mark.skipif(not _ops.has_kernel("CPU"),
                                 reason="fused_bptt._C with CPU kernels is not built")
@@ -33,32 +33,11 @@ SHAPES = [(1, 1, 1, 1), (1, 3, 5, 17), (4, 1, 3, 65), (6, 5, 17, 3), (3, 6, 65, 
 PARALLEL_SHAPE = (5, 8, 7, 130)
 
 
-def run_ops(inputs, relu, grad_seed=1):
-    """y and the five gradients from the compiled ops, for a fixed random grad_y."""
-    x, h0, w_ih, w_hh, b_ih, b_hh = inputs
-    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
-    g = torch.Generator().manual_seed(grad_seed)
-    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-    return (y, *ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, relu)), grad_y
-
-
-def run_reference(inputs, relu, grad_y):
-    """The same in float64 through fused_bptt.reference, from the same (rounded) inputs."""
-    x, h0, w_ih, w_hh, b_ih, b_hh = [None if t is None else t.double() for t in inputs]
-    y = reference.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
-    return (y, *reference.rnn_backward(grad_y.double(), x, h0, w_ih, w_hh, y, relu))
-
-
-NAMES = ("y", "dx", "dh0", "dW_ih", "dW_hh", "db")
-
-
-def check_against_reference(shape, dtype, relu, bias):
+def check_against_reference(shape, dtype, relu, bias=True, grad_h_n=False):
+    """The compiled ops against the float64 reference (conftest.compare_to_reference)."""
     inputs = make_layer_inputs(*shape, dtype, bias=bias)
-    got, grad_y = run_ops(inputs, relu)
-    want = run_reference(inputs, relu, grad_y)
-    for name, a, b in zip(NAMES, got, want):
-        assert a.dtype == dtype and a.shape == b.shape, name
-        assert_close(a, b, dtype, name=f"{name} {shape} relu={relu}")
+    return compare_to_reference(ops.rnn_forward, ops.rnn_backward, inputs, relu,
+                                grad_h_n=grad_h_n, label=f"{shape} relu={relu}")
 
 
 @pytest.mark.parametrize("mode", GEMM_MODES)
@@ -66,7 +45,7 @@ def check_against_reference(shape, dtype, relu, bias):
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_matches_reference(monkeypatch, mode, shape, relu, dtype):
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
-    check_against_reference(shape, dtype, relu, bias=True)
+    check_against_reference(shape, dtype, relu, grad_h_n=True)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -101,7 +80,7 @@ def test_non_contiguous_inputs():
     grad_y = torch.randn(T, B, H, dtype=x.dtype).transpose(0, 1).contiguous().transpose(0, 1)
     got = ops.rnn_backward(grad_y, x_s, h0, w_ih, w_hh_t, y, False)
     want = ops.rnn_backward(grad_y.contiguous(), x, h0, w_ih, w_hh, y, False)
-    for name, a, b in zip(NAMES[1:], got, want):
+    for name, a, b in zip(GRAD_NAMES, got, want):
         assert_close(a, b, name=name)
 
 
@@ -116,12 +95,12 @@ def restore_threads():
 def test_same_result_for_any_thread_count(monkeypatch, restore_threads, mode):
     """One thread or two: float64 results agree to rounding (the recurrence itself bitwise)."""
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
-    inputs = make_layer_inputs(*PARALLEL_SHAPE, torch.float64)
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        results.append(run_ops(inputs, relu=False)[0])
-    for name, a, b in zip(NAMES, *results):
+        y, grads = check_against_reference(PARALLEL_SHAPE, torch.float64, relu=False)
+        results.append((y, *grads))
+    for name, a, b in zip(("y",) + GRAD_NAMES, *results):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
 
 
@@ -134,7 +113,7 @@ def test_backward_is_deterministic(monkeypatch, mode):
     grad_y = torch.randn_like(y)
     first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
     second = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
-    for name, a, b in zip(NAMES[1:], first, second):
+    for name, a, b in zip(GRAD_NAMES, first, second):
         assert torch.equal(a, b), f"{name} differs between two identical backward calls"
 
 
@@ -156,5 +135,6 @@ def test_rejects_unknown_switch_values(monkeypatch):
         ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", "auto")
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", "avx9000")
-    with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_ISA must be avx512, avx2 or sse2"):
+    with pytest.raises(RuntimeError,
+                       match="FUSED_BPTT_CPU_ISA must be one of auto, avx512, avx2, sse2"):
         ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)

@@ -5,7 +5,7 @@ import torch
 
 import fused_bptt
 from fused_bptt import _ops, reference
-from fused_bptt.function import rnn_layer
+from fused_bptt.function import RNNLayerFunction, rnn_layer
 from conftest import assert_close, compiled_backends, device_of, make_layer_inputs
 
 BACKENDS = compiled_backends()
@@ -91,6 +91,31 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gemm", ["auto", "blas", "aten"])
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_backward_strided_grads_and_grad_h_n(backend, gemm, relu, monkeypatch):
+    """grad_y as autograd hands it over (transposed from batch_first, expanded from y.sum(),
+    rows sliced out of a wider tensor), with and without grad_h_n, on every step path."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", gemm)
+    device = device_of(backend)
+    T, B, I, H = 5, 6, 3, 7
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, torch.float64, device, seed=4)
+    y = torch.ops.fused_bptt.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+    g = torch.randn(T, 2 * B, H, dtype=x.dtype, device=device)
+    grads = {"transposed": torch.randn(B, T, H, dtype=x.dtype, device=device).transpose(0, 1),
+             "expanded": torch.ones(1, 1, 1, dtype=x.dtype, device=device).expand(T, B, H),
+             "sliced rows": g[:, ::2]}
+    grad_h_n = torch.randn(B, H, dtype=x.dtype, device=device)
+    for name, gy in grads.items():
+        assert not gy.is_contiguous(), name
+        for gh in (None, grad_h_n):
+            got = torch.ops.fused_bptt.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu, gh)
+            want = reference.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu, gh)
+            for what, a, b in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], got, want):
+                assert_close(a, b, name=f"{name}, grad_h_n={gh is not None}: {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_gradcheck(backend, relu):
     inputs = [t.requires_grad_() for t in make_layer_inputs(
@@ -113,21 +138,44 @@ def test_opcheck(backend, bias, dtype):
                           (torch.randn_like(y), x, h0, w_ih, w_hh, y, True))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_saves_one_hidden_sized_tensor(backend):
-    """Saved for backward: x, h0, the two weights and y itself, nothing else of size [T, B, H]."""
-    device = device_of(backend)
-    inputs = [t.requires_grad_() for t in make_layer_inputs(8, 4, 3, 5, torch.float32, device)]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y, _ = rnn_layer(*inputs, backend=backend)
-    storages = {t.untyped_storage().data_ptr(): t for t in saved}
-    hidden_sized = [t for t in storages.values() if t.numel() == y.numel()]
-    assert len(hidden_sized) == 1 and hidden_sized[0].untyped_storage().data_ptr() == \
-        y.untyped_storage().data_ptr()
-    total = sum(t.untyped_storage().nbytes() for t in storages.values())
-    x, h0, w_ih, w_hh = inputs[:4]
-    assert total == sum(t.numel() * t.element_size() for t in (x, h0, w_ih, w_hh, y))
+def bytes_kept(fn):
+    """Calls fn() and returns (its result, the bytes it allocated and did not free): the CPU
+    allocator's own accounting, read through the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    return out, sum(e.self_cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("path", ["module", "python_function", "reference"])
+def test_keeps_no_extra_hidden_sized_tensor(path):
+    """What a forward leaves allocated, beyond the outputs y and h_n it returns, is what the graph
+    keeps for backward: nothing for the compiled paths (x, h0 and the weights existed before;
+    y is the output itself), one more [T, B, H] tensor for nn.RNN (the control that shows the
+    measurement sees such a tensor) and for the reference."""
+    if path != "reference" and "cpp" not in BACKENDS:
+        pytest.skip("needs the compiled CPU backend")
+    T, B, H = 16, 8, 32
+    torch.manual_seed(0)
+    fused = fused_bptt.FusedRNN(H, H, backend="reference" if path == "reference" else "auto")
+    ref = torch.nn.RNN(H, H)
+    x = torch.randn(T, B, H, requires_grad=True)
+    h0 = torch.randn(1, B, H, requires_grad=True)
+    params = list(fused.parameters())
+    calls = {"module": lambda: fused(x, h0), "reference": lambda: fused(x, h0),
+             "python_function": lambda: RNNLayerFunction.apply(x, h0[0], *params, False)}
+    (y, h_n), kept = bytes_kept(calls[path])
+    unit = T * B * H * 4
+    extra = kept - y.untyped_storage().nbytes() - h_n.untyped_storage().nbytes()
+    (y_nn, h_nn), kept_nn = bytes_kept(lambda: ref(x, h0))
+    extra_nn = kept_nn - y_nn.untyped_storage().nbytes() - h_nn.untyped_storage().nbytes()
+    assert extra_nn >= unit
+    if path == "reference":
+        assert extra >= unit
+    else:
+        assert extra == 0
+    (y.sum() + h_n.sum()).backward()  # and the graph it kept is enough to run backward
+    assert x.grad is not None and all(p.grad is not None for p in params)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

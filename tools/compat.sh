@@ -43,6 +43,10 @@ commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 echo "== fused_bptt compat check at $commit: torch ${VERSIONS[*]}"
 echo "== $("$PYTHON" --version 2>&1), $(c++ --version 2>/dev/null | head -n1), nvcc: $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' || true), $(nproc) cores"
 
+# The test command's packages (.ci/run, verbatim the README's), with torch==<version> for its pin.
+TEST_DEPS="$(sed -n 's/.*pip install -q torch==[^ ]* \([^&]*\)&&.*/\1/p' "$ROOT/.ci/run" | head -n1)"
+[ -n "$TEST_DEPS" ] || { echo "cannot read the test command's packages from .ci/run" >&2; exit 2; }
+
 SUMMARY=()
 FAILED=0
 
@@ -57,7 +61,7 @@ check_version() {
   echo "== torch $v: installing into a fresh venv"
   t0=$(date +%s)
   "$PYTHON" -m venv "$dir/venv" &&
-    "$py" -m pip install -q "torch==$v" ninja pytest numpy matplotlib > "$dir/install.log" 2>&1
+    "$py" -m pip install -q "torch==$v" $TEST_DEPS > "$dir/install.log" 2>&1
   rc=$?
   install_s=$(( $(date +%s) - t0 ))
   if [ $rc -ne 0 ]; then

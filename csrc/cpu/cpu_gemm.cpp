@@ -1,14 +1,13 @@
 // cpu_gemm.cpp: row-major GEMM over a runtime-resolved Fortran BLAS, with an ATen fallback.
 // See cpu_gemm.h for the contract and the FUSED_BPTT_CPU_GEMM switch.
 #include "cpu/cpu_gemm.h"
+#include "env.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 
 namespace fused_bptt {
 namespace cpu {
@@ -76,12 +75,8 @@ bool fits_int(int64_t v) { return v <= INT_MAX; }
 }  // namespace
 
 GemmMode gemm_mode_from_env() {
-  const char* v = std::getenv("FUSED_BPTT_CPU_GEMM");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return GemmMode::kAuto;
-  if (std::strcmp(v, "aten") == 0) return GemmMode::kAten;
-  if (std::strcmp(v, "blas") == 0) return GemmMode::kBlas;
-  TORCH_CHECK(false, "fused_bptt: FUSED_BPTT_CPU_GEMM must be one of auto, aten, blas, but is '", v,
-              "'");
+  // Same order as GemmMode.
+  return static_cast<GemmMode>(env_choice("FUSED_BPTT_CPU_GEMM", {"auto", "aten", "blas"}));
 }
 
 bool blas_available(GemmMode mode) { return mode != GemmMode::kAten && blas().sgemm != nullptr; }

@@ -4,7 +4,7 @@
 //   x [T, B, I], h0 [B, H], weight_ih [H, I], weight_hh [H, H], bias_ih / bias_hh [H] or none,
 //   y [T, B, H] (y[T-1] is h_n), grad_y [T, B, H].
 // Forward:  z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh,   y_t = h_t = act(z_t)
-// Backward: dz_t = (grad_y_t + dz_{t+1} W_hh) * act'(z_t), act' from y alone (1 - y^2 or [y > 0]);
+// Backward: dz_t = (grad_y_t + [t = T-1] grad_h_n + dz_{t+1} W_hh) * act'(z_t), act' from y alone;
 //           dh0 = dz_0 W_hh, dW_hh = dz^T [h0; y[:-1]], dW_ih = dz^T x, db = sum dz, dx = dz W_ih.
 // Saved for backward: y only (the caller keeps it; nothing else is allocated for backward).
 //
@@ -110,29 +110,50 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
 }
 
 template <typename scalar_t>
-void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
-                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
-                   const RnnShape& s, bool relu, at::Tensor& dx, at::Tensor& dh0,
-                   at::Tensor& dw_ih, at::Tensor& dw_hh, at::Tensor& db) {
+void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
+                   const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const at::Tensor& y, const RnnShape& s, bool relu, at::Tensor& dx,
+                   at::Tensor& dh0, at::Tensor& dw_ih, at::Tensor& dw_hh, at::Tensor& db) {
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, BH = s.B * s.H;
   const GemmMode mode = gemm_mode_from_env();
   const StepKernels<scalar_t>& k = step_kernels<scalar_t>();
   at::Tensor dz = at::empty_like(y);
   scalar_t* dzp = dz.data_ptr<scalar_t>();
-  const scalar_t* gp = grad_y.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* whh = w_hh.data_ptr<scalar_t>();
+  // The incoming gradient of step t, read in place: grad_y may be strided (rows of a transposed
+  // batch_first gradient are T * H apart; the caller made its last dimension dense), so step t
+  // is rows of H elements, ld apart. At the last step grad_h_n joins it (h_n is y[T-1]), summed
+  // into a [B, H] buffer of our own rather than into a copy of all of grad_y.
+  const scalar_t* gy = grad_y.data_ptr<scalar_t>();
+  const int64_t gy_t = grad_y.stride(0), gy_ld = grad_y.stride(1);
+  std::vector<scalar_t> last;
+  if (grad_h_n.defined()) {
+    const scalar_t* gh = grad_h_n.data_ptr<scalar_t>();
+    last.resize(BH);
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* g = gy + (T - 1) * gy_t + b * gy_ld;
+      for (int64_t j = 0; j < H; ++j) last[b * H + j] = g[j] + gh[b * H + j];
+    }
+  }
+  const bool at_last = !last.empty();
+  auto grad_at = [&](int64_t t, int64_t row) {
+    return t == T - 1 && at_last ? last.data() + row * H : gy + t * gy_t + row * gy_ld;
+  };
+  const auto grad_ld = [&](int64_t t) { return t == T - 1 && at_last ? H : gy_ld; };
 
   // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
   if (use_blas_step<scalar_t>(mode, H)) {
     for (int64_t t = T - 1; t >= 0; --t) {
       scalar_t* dzt = dzp + t * BH;
-      std::memcpy(dzt, gp + t * BH, sizeof(scalar_t) * BH);
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(dzt + b * H, grad_at(t, b), sizeof(scalar_t) * H);
+      }
       if (t + 1 < T) gemm<scalar_t>(mode, false, false, B, H, H, 1, dzt + BH, H, whh, H, 1, dzt, H);
       parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
         const int64_t o = r0 * H;
-        k.backward(nullptr, nullptr, nullptr, dzt + o, yp + t * BH + o, dzt + o, r1 - r0, 0, H,
-                   relu);
+        k.backward(nullptr, nullptr, nullptr, dzt + o, H, yp + t * BH + o, dzt + o, r1 - r0, 0,
+                   H, relu);
       });
     }
   } else {
@@ -140,8 +161,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
     parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t o = t * BH + r0 * H, K = t + 1 < T ? H : 0;
-        k.backward(dzp + o + BH, whh, part.data() + r0 * H, gp + o, yp + o, dzp + o, r1 - r0, K, H,
-                   relu);
+        k.backward(dzp + o + BH, whh, part.data() + r0 * H, grad_at(t, r0), grad_ld(t), yp + o,
+                   dzp + o, r1 - r0, K, H, relu);
       }
     });
   }
@@ -189,15 +210,21 @@ at::Tensor rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::
 
 RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                           const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                          const at::Tensor& y, bool relu) {
-  const RnnShape s = check_backward_inputs(grad_y, x, h0, weight_ih, weight_hh, y);
+                          const at::Tensor& y, bool relu,
+                          const std::optional<at::Tensor>& grad_h_n) {
+  const RnnShape s = check_backward_inputs(grad_y, x, h0, weight_ih, weight_hh, y, grad_h_n);
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor dh0 = at::empty_like(h0, at::MemoryFormat::Contiguous);
   at::Tensor dw_ih = at::empty_like(weight_ih, at::MemoryFormat::Contiguous);
   at::Tensor dw_hh = at::empty_like(weight_hh, at::MemoryFormat::Contiguous);
   at::Tensor db = at::empty({s.H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
-    backward_impl<scalar_t>(grad_y.contiguous(), x.contiguous(), h0.contiguous(),
+    // grad_y is read in place when its last dimension is dense (a transposed batch_first
+    // gradient is); otherwise (an expanded gradient such as that of y.sum()) it is made dense.
+    const bool dense_rows = grad_y.stride(2) == 1 || s.H == 1;
+    backward_impl<scalar_t>(dense_rows ? grad_y : grad_y.contiguous(),
+                            grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor(),
+                            x.contiguous(), h0.contiguous(),
                             weight_ih.contiguous(), weight_hh.contiguous(), y.contiguous(), s,
                             relu, dx, dh0, dw_ih, dw_hh, db);
   });

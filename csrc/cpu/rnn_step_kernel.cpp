@@ -2,12 +2,11 @@
 // time. setup.py builds without -march, so wider instructions are enabled only inside these target
 // regions and used only where __builtin_cpu_supports says the CPU has them.
 #include "cpu/rnn_step_kernel.h"
+#include "env.h"
 
 #include <c10/util/Exception.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 // Vectors wider than the baseline ISA passed between inlined helpers: no ABI is crossed.
@@ -61,18 +60,17 @@ bool cpu_has_avx2() {
 
 template <typename T>
 const StepKernels<T>& step_kernels() {
-  const char* want = std::getenv("FUSED_BPTT_CPU_ISA");
-  if (want == nullptr || *want == '\0') {
+  enum { kDetect, kWantAvx512, kWantAvx2, kWantSse2 };  // the order of the list below
+  const int want = env_choice("FUSED_BPTT_CPU_ISA", {"auto", "avx512", "avx2", "sse2"});
+  if (want == kDetect) {
     if (cpu_has_avx512()) return kAvx512<T>;
     if (cpu_has_avx2()) return kAvx2<T>;
     return kSse2<T>;
   }
-  if (std::strcmp(want, "sse2") == 0) return kSse2<T>;
-  const bool avx2 = std::strcmp(want, "avx2") == 0, avx512 = std::strcmp(want, "avx512") == 0;
-  TORCH_CHECK(avx2 || avx512, "fused_bptt: FUSED_BPTT_CPU_ISA must be avx512, avx2 or sse2, but is '",
-              want, "'");
-  TORCH_CHECK(avx512 ? cpu_has_avx512() : cpu_has_avx2(), "fused_bptt: FUSED_BPTT_CPU_ISA=", want,
-              " but this CPU does not support it");
+  if (want == kWantSse2) return kSse2<T>;
+  const bool avx512 = want == kWantAvx512;
+  TORCH_CHECK(avx512 ? cpu_has_avx512() : cpu_has_avx2(), "fused_bptt: FUSED_BPTT_CPU_ISA=",
+              avx512 ? "avx512" : "avx2", " but this CPU does not support it");
   return avx512 ? kAvx512<T> : kAvx2<T>;
 }
 

@@ -5,13 +5,15 @@
 //   DeviceConfig config() const
 //   int64_t co_resident_blocks(kernel, threads, smem_bytes) const   (after allowing smem_bytes)
 //   void launch(kernel, grid, threads, smem_bytes, args...) const
-//   void launch_cooperative(kernel, grid, threads, smem_bytes, args...) const
-// rnn_cuda.cu implements it with the CUDA runtime on the current stream; tests/emu/rnn_emu.cpp
-// with simt_emu.h on CPU tensors (ATen's CPU GEMMs), so the tests run this file as it is.
+//   bool launch_cooperative(kernel, grid, threads, smem_bytes, args...) const
+//        false: the device refused the cooperative launch (nothing ran, no error left pending)
+// rnn_cuda.cu implements it with the CUDA runtime on the current stream; the tests
+// (tests/emu/rnn_emu.cpp) on CPU threads and CPU tensors, so they run this file as it is.
 //
 // Path choice: the persistent kernels (one launch for all T steps) when a block's W_hh slice (and,
-// backward, its dW_hh slice) fits in shared memory and every block can be resident at once;
-// otherwise one ATen GEMM plus one pointwise step per time step (always correct, slower).
+// backward, its dW_hh slice) fits in shared memory, every block can be resident at once and the
+// device accepts the cooperative launch; otherwise one ATen GEMM plus one pointwise step per time
+// step (always correct, slower).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -33,70 +35,101 @@ struct DeviceConfig {
   PathChoice path;             // Auto, or a forced path (tests, benchmarks)
 };
 
-// What the last call ran; the emulated build exposes it so tests can check which path they hit.
-struct LaunchRecord {
-  bool persistent = false;
-  int grid = 0, J = 0, group = 0, b_tile = 0;
-  int64_t smem = 0;
-};
-
 struct PersistentPlan {
-  bool fits;  // the block's shared memory fits in cfg.max_smem_per_block
-  int grid, J, b_tile, group;
-  int64_t smem;  // bytes per block
+  bool fits;      // the block's shared memory fits in cfg.max_smem_per_block
+  int grid;       // blocks: params.slices * batch groups
+  int64_t smem;   // bytes per block
+  kernels::PersistentParams params;
 };
 
-// Slices of J = max(kTile, ceil(H / num_sms)) hidden units (H at most), one block each. The step's input rows are
-// staged b_tile at a time: as many as the shared memory left over holds. `group` lanes per work
-// item (a row b times kTile columns) so that even a few items keep the block's threads busy.
-inline PersistentPlan plan_persistent(bool backward, int64_t B, int64_t H, int64_t elem_size,
-                                      const DeviceConfig& cfg) {
-  using kernels::smem_layout;
-  // At least kTile units per block: a thread computes kTile columns anyway, and fewer blocks means
-  // a cheaper grid barrier and less staging traffic (every block stages the whole input vector).
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(H, cfg.num_sms));
-  const int J = static_cast<int>(std::max<int64_t>(std::min<int64_t>(kernels::kTile, H), (H + blocks - 1) / blocks));
-  const int grid = static_cast<int>((H + J - 1) / J);
-  const int b = static_cast<int>(B), h = static_cast<int>(H);
-  // Without staging, and the widest staged row (group <= 32) to size b_tile.
-  const int64_t fixed = smem_layout(backward, b, h, J, 0, 1).total;
-  const int64_t row = smem_layout(backward, b, h, J, 1, 32).total - smem_layout(backward, b, h, J, 0, 32).total;
+// Split the batch into groups of blocks only when every group keeps at least this many rows:
+// each block then stages only its group's rows of h (fewer bytes per step) but holds a wider
+// slice of W, so a small batch gains nothing.
+constexpr int64_t kMinRowsPerGroup = 16;
+constexpr int kMaxBatchGroups = 8;
+
+// The plan with the batch in `groups` groups: slices of J units, J a multiple of kTile (no FMAs
+// on padding columns but in the last slice), as many slices as the SMs left for each group allow.
+// The step's input rows are staged b_tile at a time: as many as the shared memory left over holds
+// and one work item per lane allows; with several groups, all of a group's rows at once. `group`
+// lanes per work item so that even a few items keep the block's threads busy.
+inline PersistentPlan plan_with_groups(bool backward, int64_t B, int64_t H, int64_t elem_size,
+                                       const DeviceConfig& cfg, int groups) {
+  using kernels::kRows;
+  using kernels::kTile;
+  const int64_t rows = (B + groups - 1) / groups, n_groups = (B + rows - 1) / rows;
+  const int64_t max_slices = std::max<int64_t>(1, std::min<int64_t>(H, cfg.num_sms / groups));
+  const int64_t J = ((H + max_slices - 1) / max_slices + kTile - 1) / kTile * kTile;
+  const int64_t slices = (H + J - 1) / J, n_tiles = J / kTile;
+  const int r = static_cast<int>(rows), h = static_cast<int>(H), j = static_cast<int>(J);
+  const int64_t fixed = kernels::smem_layout(backward, r, h, j, 0).total;
   const int64_t room = cfg.max_smem_per_block / elem_size - fixed;
-  const int b_tile = static_cast<int>(std::min<int64_t>(B, std::max<int64_t>(room / row, 0)));
-  const int64_t items = static_cast<int64_t>(std::max(b_tile, 1)) * ((J + kernels::kTile - 1) / kernels::kTile);
+  const int64_t by_smem = std::max<int64_t>(room / kernels::stage_stride(h), 0);
+  const int64_t by_items = kRows * (cfg.threads / n_tiles);
+  const int b_tile = static_cast<int>(std::min({rows, by_smem, by_items}));
+  const int64_t items = (b_tile + kRows - 1) / kRows * n_tiles;
   int group = 1;
   while (group < 32 && group * 2 * items <= cfg.threads) group *= 2;
-  const int64_t smem = smem_layout(backward, b, h, J, std::max(b_tile, 1), group).total * elem_size;
-  return {b_tile >= 1 && smem <= cfg.max_smem_per_block, grid, J, std::max(b_tile, 1), group, smem};
+  const int staged = std::max(b_tile, 1);
+  const int64_t smem = kernels::smem_layout(backward, r, h, j, staged).total * elem_size;
+  const bool fits =
+      b_tile >= 1 && smem <= cfg.max_smem_per_block && (groups == 1 || b_tile == rows);
+  const kernels::PersistentParams params{0, static_cast<int>(B), h, j, static_cast<int>(slices),
+                                         r, staged, group, false};
+  return {fits, static_cast<int>(slices * n_groups), smem, params};
+}
+
+// The largest batch split that fits, else the plan without one.
+inline PersistentPlan plan_persistent(bool backward, int64_t B, int64_t H, int64_t elem_size,
+                                      const DeviceConfig& cfg) {
+  for (int groups = kMaxBatchGroups; groups >= 2; groups /= 2) {
+    if (B / groups < kMinRowsPerGroup || groups > cfg.num_sms) continue;
+    const PersistentPlan plan = plan_with_groups(backward, B, H, elem_size, cfg, groups);
+    if (plan.fits) return plan;
+  }
+  return plan_with_groups(backward, B, H, elem_size, cfg, 1);
 }
 
 inline void check_config(const DeviceConfig& cfg) {
   TORCH_INTERNAL_ASSERT(cfg.num_sms >= 1 && cfg.threads >= 32 && cfg.threads % 32 == 0 &&
                             cfg.threads <= kernels::kMaxThreads,
-                        "fused_bptt: bad device config: ", cfg.num_sms, " SMs, ", cfg.threads, " threads");
+                        "fused_bptt: bad device config: ", cfg.num_sms, " SMs, ", cfg.threads,
+                        " threads");
 }
 
-// Decides the path; fills `rec` and returns whether the persistent kernel `kernel` will run.
+// Whether the persistent kernel `kernel` can run `plan`: it fits, the indices fit in int, and every
+// block can be resident at once. Forced with FUSED_BPTT_CUDA_PATH=persistent, "no" is an error.
 template <class Dev, class Kernel>
-bool choose_persistent(const Dev& dev, const DeviceConfig& cfg, Kernel kernel, const PersistentPlan& plan,
-                       int64_t T, int64_t B, int64_t H, LaunchRecord* rec) {
+bool persistent_possible(const Dev& dev, const DeviceConfig& cfg, Kernel kernel,
+                         const PersistentPlan& plan, int64_t T, int64_t B, int64_t H) {
   bool ok = cfg.path != PathChoice::PerStep && plan.fits && T * B * H < (int64_t(1) << 31) &&
             H * H < (int64_t(1) << 31);
   if (ok) ok = dev.co_resident_blocks(kernel, cfg.threads, plan.smem) >= plan.grid;
   TORCH_CHECK(ok || cfg.path != PathChoice::Persistent,
               "fused_bptt: the persistent CUDA kernel was forced but cannot run this shape (B=", B,
               ", H=", H, "): it needs ", plan.grid, " co-resident blocks with ", plan.smem,
-              " bytes of shared memory each, the device allows ", cfg.max_smem_per_block, " bytes");
-  if (rec) *rec = ok ? LaunchRecord{true, plan.grid, plan.J, plan.group, plan.b_tile, plan.smem} : LaunchRecord{};
+              " bytes of shared memory each, the device allows ", cfg.max_smem_per_block,
+              " bytes");
   return ok;
+}
+
+// After a refused cooperative launch (MPS thread limits, a green context, ...): an error when the
+// persistent path was forced, else a warning (once) and the caller takes the per-step path.
+inline void on_cooperative_launch_refused(const DeviceConfig& cfg, int grid) {
+  TORCH_CHECK(cfg.path != PathChoice::Persistent,
+              "fused_bptt: the persistent CUDA kernel was forced but the device refused its "
+              "cooperative launch of ",
+              grid, " blocks (MPS or green-context limits?)");
+  TORCH_WARN_ONCE("fused_bptt: the device refused a cooperative launch of ", grid,
+                  " blocks (MPS or green-context limits?); taking the slower per-step CUDA path");
 }
 
 // y [T, B, H] (see fused_bptt.h).
 template <class Dev>
 at::Tensor rnn_forward_impl(const Dev& dev, const at::Tensor& x_in, const at::Tensor& h0_in,
                             const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-                            const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-                            bool relu, LaunchRecord* rec = nullptr) {
+                            const std::optional<at::Tensor>& bias_ih,
+                            const std::optional<at::Tensor>& bias_hh, bool relu) {
   const RnnShape s = check_forward_inputs(x_in, h0_in, w_ih_in, w_hh_in, bias_ih, bias_hh);
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
   const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
@@ -112,20 +145,22 @@ at::Tensor rnn_forward_impl(const Dev& dev, const at::Tensor& x_in, const at::Te
   } else {
     at::mm_out(y2, x2, w_ih.t());
   }
-  if (rec) *rec = LaunchRecord{};
   if (y.numel() == 0) return y;
 
   const DeviceConfig cfg = dev.config();
   check_config(cfg);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_forward_cuda", [&] {
     auto kernel = &kernels::rnn_forward_persistent_kernel<scalar_t>;
-    const PersistentPlan plan = plan_persistent(false, s.B, s.H, sizeof(scalar_t), cfg);
-    if (choose_persistent(dev, cfg, kernel, plan, s.T, s.B, s.H, rec)) {
-      dev.launch_cooperative(kernel, plan.grid, cfg.threads, plan.smem, h0.const_data_ptr<scalar_t>(),
-                             w_hh.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                             static_cast<int>(s.T), static_cast<int>(s.B), static_cast<int>(s.H), plan.J,
-                             plan.b_tile, plan.group, relu);
-      return;
+    PersistentPlan plan = plan_persistent(false, s.B, s.H, sizeof(scalar_t), cfg);
+    plan.params.T = static_cast<int>(s.T);
+    plan.params.relu = relu;
+    if (persistent_possible(dev, cfg, kernel, plan, s.T, s.B, s.H)) {
+      // A refused launch runs nothing: y still holds the projection the per-step path needs.
+      if (dev.launch_cooperative(kernel, plan.grid, cfg.threads, plan.smem,
+                                 h0.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(),
+                                 y.mutable_data_ptr<scalar_t>(), plan.params))
+        return;
+      on_cooperative_launch_refused(cfg, plan.grid);
     }
     // Per step: y_t += h_{t-1} W_hh^T (a GEMM), then the activation in place.
     const at::Tensor w_hh_t = w_hh.t();
@@ -138,15 +173,19 @@ at::Tensor rnn_forward_impl(const Dev& dev, const at::Tensor& x_in, const at::Te
   return y;
 }
 
-// (dx, dh0, dW_ih, dW_hh, db) from grad_y and the saved y (see fused_bptt.h).
+// (dx, dh0, dW_ih, dW_hh, db) from grad_y (+ grad_h_n at step T-1) and the saved y (see
+// fused_bptt.h). grad_h_n is added inside the kernels where they read grad_y[T-1]: no copy of
+// grad_y is made.
 template <class Dev>
 RnnGrads rnn_backward_impl(const Dev& dev, const at::Tensor& grad_y_in, const at::Tensor& x_in,
-                           const at::Tensor& h0_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-                           const at::Tensor& y_in, bool relu, LaunchRecord* rec = nullptr) {
-  const RnnShape s = check_backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in);
+                           const at::Tensor& h0_in, const at::Tensor& w_ih_in,
+                           const at::Tensor& w_hh_in, const at::Tensor& y_in, bool relu,
+                           const std::optional<at::Tensor>& grad_h_n_in) {
+  const RnnShape s =
+      check_backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in, grad_h_n_in);
   const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), h0 = h0_in.contiguous();
   const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), y = y_in.contiguous();
-  if (rec) *rec = LaunchRecord{};
+  const at::Tensor grad_h_n = grad_h_n_in.has_value() ? grad_h_n_in->contiguous() : at::Tensor();
   if (y.numel() == 0) {  // B == 0 or H == 0: every gradient is zero (or empty)
     return {at::zeros_like(x), at::zeros_like(h0), at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({s.H}, x.options())};
@@ -160,30 +199,48 @@ RnnGrads rnn_backward_impl(const Dev& dev, const at::Tensor& grad_y_in, const at
   const DeviceConfig cfg = dev.config();
   check_config(cfg);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cuda", [&] {
+    const scalar_t* ghn = grad_h_n.defined() ? grad_h_n.const_data_ptr<scalar_t>() : nullptr;
     auto kernel = &kernels::rnn_backward_persistent_kernel<scalar_t>;
-    const PersistentPlan plan = plan_persistent(true, s.B, s.H, sizeof(scalar_t), cfg);
-    if (choose_persistent(dev, cfg, kernel, plan, s.T, s.B, s.H, rec)) {
-      dev.launch_cooperative(kernel, plan.grid, cfg.threads, plan.smem, grad_y.const_data_ptr<scalar_t>(),
-                             h0.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(),
-                             y.const_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(),
-                             dh0.mutable_data_ptr<scalar_t>(), dw_hh.mutable_data_ptr<scalar_t>(),
-                             db.mutable_data_ptr<scalar_t>(), static_cast<int>(s.T), static_cast<int>(s.B),
-                             static_cast<int>(s.H), plan.J, plan.b_tile, plan.group, relu);
-      return;
+    PersistentPlan plan = plan_persistent(true, s.B, s.H, sizeof(scalar_t), cfg);
+    plan.params.T = static_cast<int>(s.T);
+    plan.params.relu = relu;
+    if (persistent_possible(dev, cfg, kernel, plan, s.T, s.B, s.H)) {
+      // With the batch in groups, each group's share of dW_hh and db, summed below in a fixed
+      // order (deterministic).
+      const int64_t groups = (s.B + plan.params.rows - 1) / plan.params.rows;
+      at::Tensor dw_part = groups == 1 ? dw_hh : at::empty({groups, s.H, s.H}, x.options());
+      at::Tensor db_part = groups == 1 ? db : at::empty({groups, s.H}, x.options());
+      if (dev.launch_cooperative(
+              kernel, plan.grid, cfg.threads, plan.smem, grad_y.const_data_ptr<scalar_t>(), ghn,
+              h0.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(),
+              y.const_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(),
+              dh0.mutable_data_ptr<scalar_t>(), dw_part.mutable_data_ptr<scalar_t>(),
+              db_part.mutable_data_ptr<scalar_t>(), plan.params)) {
+        if (groups > 1) {
+          at::sum_out(dw_hh, dw_part, {0});
+          at::sum_out(db, db_part, {0});
+        }
+        return;
+      }
+      on_cooperative_launch_refused(cfg, plan.grid);
     }
-    // Per step: carry = dz_{t+1} W_hh (a GEMM), then dz_t = (grad_y_t + carry) * act'(y_t).
+    // Per step: carry = dz_{t+1} W_hh (a GEMM), then dz_t = (grad_y_t + carry) * act'(y_t), with
+    // grad_h_n joining grad_y at t = T-1.
     const int64_t n = s.B * s.H;
-    const int blocks = static_cast<int>(std::min<int64_t>((n + cfg.threads - 1) / cfg.threads, 4 * cfg.num_sms));
+    const int blocks = static_cast<int>(
+        std::min<int64_t>((n + cfg.threads - 1) / cfg.threads, 4 * cfg.num_sms));
     at::Tensor carry = at::empty({s.B, s.H}, x.options());
     for (int64_t t = s.T - 1; t >= 0; --t) {
-      if (t + 1 < s.T) at::mm_out(carry, dz[t + 1], w_hh);
+      const bool last = t == s.T - 1;
+      if (!last) at::mm_out(carry, dz[t + 1], w_hh);
       dev.launch(&kernels::rnn_backward_step_kernel<scalar_t>, blocks, cfg.threads, 0,
-                 grad_y[t].const_data_ptr<scalar_t>(),
-                 t + 1 < s.T ? carry.const_data_ptr<scalar_t>() : nullptr, y[t].const_data_ptr<scalar_t>(),
-                 dz[t].mutable_data_ptr<scalar_t>(), n, relu);
+                 grad_y[t].const_data_ptr<scalar_t>(), last ? ghn : nullptr,
+                 last ? nullptr : carry.const_data_ptr<scalar_t>(),
+                 y[t].const_data_ptr<scalar_t>(), dz[t].mutable_data_ptr<scalar_t>(), n, relu);
     }
     at::mm_out(dh0, dz[0], w_hh);
-    const at::Tensor h_prev = at::cat({h0.unsqueeze(0), y.narrow(0, 0, s.T - 1)}).view({s.T * s.B, s.H});
+    const at::Tensor h_prev =
+        at::cat({h0.unsqueeze(0), y.narrow(0, 0, s.T - 1)}).view({s.T * s.B, s.H});
     at::mm_out(dw_hh, dz2.t(), h_prev);
     at::sum_out(db, dz2, {0});
   });

@@ -1,12 +1,17 @@
-// tsan_main.cpp: the kernels of csrc/cuda/rnn_kernels.cuh on plain arrays under simt_emu.h, no torch,
-// built by tests/test_cuda_emulated.py with g++ -fsanitize=thread. Modes (argv[1]):
-//   rnn           forward + backward persistent kernels and the per-step backward kernel on a small
-//                 shape, checked against naive loops; exit 0 when they agree (TSan must stay silent)
+// tsan_main.cpp: the kernels of csrc/cuda/rnn_kernels.cuh on plain arrays under simt_emu.h, no
+// torch, built by tests/test_cuda_emulated.py with g++ -fsanitize=thread. Modes (argv[1]):
+//   rnn           forward + backward persistent kernels (with grad_h_n) on two small plans, one
+//                 with the batch in two groups, and the per-step backward kernel, checked against
+//                 naive loops; exit 0 when they agree (TSan must stay silent)
 //   race          a deliberately racy kernel (unsynchronized shared-memory read-modify-write):
 //                 the negative control, TSan must report it
 //   warp_ops      the emulator's own warp ops and atomics on known inputs; exit 0 when right
 //   partial_warp  a full-mask shuffle in a 48-thread block: the emulator must abort
 //   grid_sync     grid_sync() in a non-cooperative launch: the emulator must abort
+//   early_exit    a block returns while the others wait at a grid barrier: the emulator must abort
+//   misaligned    a 16-byte load from an address 8 bytes off: the emulator must abort
+#include "simt_emu.h"  // before the kernels: they take CUDA's names from it
+
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -15,6 +20,7 @@
 
 #include "cuda/rnn_kernels.cuh"
 
+using fused_bptt::kernels::PersistentParams;
 using fused_bptt::kernels::rnn_backward_persistent_kernel;
 using fused_bptt::kernels::rnn_backward_step_kernel;
 using fused_bptt::kernels::rnn_forward_persistent_kernel;
@@ -22,45 +28,55 @@ using fused_bptt::kernels::smem_layout;
 
 namespace {
 
-// 3 blocks (slices of 4, 4, 2 units), input rows staged 2 at a time (tiles of 2 and 1 rows).
-constexpr int T = 3, B = 3, H = 10, J = 4, kGrid = 3, kThreads = 64, kGroup = 4, kRowTile = 2;
 using Vec = std::vector<double>;
 
-// y_t = tanh(xw_t + h_{t-1} W^T); returns y [T, B, H].
-Vec naive_forward(const Vec& xw, const Vec& h0, const Vec& w) {
+double act(double z, bool relu) { return relu ? (z < 0 ? 0 : z) : std::tanh(z); }
+double gate(double g, double y, bool relu) { return relu ? (y <= 0 ? 0 : g) : g * (1 - y * y); }
+
+// y_t = act(xw_t + h_{t-1} W^T); returns y [T, B, H].
+Vec naive_forward(const PersistentParams& p, const Vec& xw, const Vec& h0, const Vec& w) {
+  const int B = p.B, H = p.H;
   Vec y(xw);
-  for (int t = 0; t < T; ++t)
+  for (int t = 0; t < p.T; ++t)
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < H; ++j) {
         double z = y[(t * B + b) * H + j];
-        for (int k = 0; k < H; ++k) z += (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]) * w[j * H + k];
-        y[(t * B + b) * H + j] = std::tanh(z);
+        for (int k = 0; k < H; ++k)
+          z += (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]) * w[j * H + k];
+        y[(t * B + b) * H + j] = act(z, p.relu);
       }
   return y;
 }
 
+struct Grads {
+  Vec dz, dh0, dw, db;
+};
+
 // dz [T, B, H], dh0 [B, H], dW_hh [H, H], db [H], from fused_bptt.h.
-void naive_backward(const Vec& gy, const Vec& h0, const Vec& w, const Vec& y, Vec& dz, Vec& dh0, Vec& dw, Vec& db) {
-  dz.assign(T * B * H, 0.0), dh0.assign(B * H, 0.0), dw.assign(H * H, 0.0), db.assign(H, 0.0);
+Grads naive_backward(const PersistentParams& p, const Vec& gy, const Vec& ghn, const Vec& h0,
+                     const Vec& w, const Vec& y) {
+  const int T = p.T, B = p.B, H = p.H;
+  Grads g{Vec(T * B * H), Vec(B * H), Vec(H * H), Vec(H)};
   for (int t = T - 1; t >= 0; --t)
     for (int b = 0; b < B; ++b)
       for (int k = 0; k < H; ++k) {
-        double c = gy[(t * B + b) * H + k];
+        double c = gy[(t * B + b) * H + k] + (t == T - 1 ? ghn[b * H + k] : 0.0);
         if (t + 1 < T)
-          for (int j = 0; j < H; ++j) c += dz[((t + 1) * B + b) * H + j] * w[j * H + k];
-        const double yv = y[(t * B + b) * H + k];
-        dz[(t * B + b) * H + k] = c * (1 - yv * yv);
+          for (int j = 0; j < H; ++j) c += g.dz[((t + 1) * B + b) * H + j] * w[j * H + k];
+        g.dz[(t * B + b) * H + k] = gate(c, y[(t * B + b) * H + k], p.relu);
       }
   for (int b = 0; b < B; ++b)
     for (int k = 0; k < H; ++k)
-      for (int j = 0; j < H; ++j) dh0[b * H + k] += dz[b * H + j] * w[j * H + k];
+      for (int j = 0; j < H; ++j) g.dh0[b * H + k] += g.dz[b * H + j] * w[j * H + k];
   for (int t = 0; t < T; ++t)
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < H; ++j) {
-        const double g = dz[(t * B + b) * H + j];
-        db[j] += g;
-        for (int k = 0; k < H; ++k) dw[j * H + k] += g * (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]);
+        const double d = g.dz[(t * B + b) * H + j];
+        g.db[j] += d;
+        for (int k = 0; k < H; ++k)
+          g.dw[j * H + k] += d * (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]);
       }
+  return g;
 }
 
 double max_diff(const Vec& a, const Vec& b) {
@@ -69,42 +85,81 @@ double max_diff(const Vec& a, const Vec& b) {
   return a.size() == b.size() ? m : INFINITY;
 }
 
-int run_rnn() {
+// Runs both persistent kernels on plan p with `threads` threads per block; prints one line per
+// output and returns the number that disagree with the naive loops.
+int check_plan(const char* name, const PersistentParams& p, int threads) {
+  const int T = p.T, B = p.B, H = p.H, groups = (B + p.rows - 1) / p.rows;
+  const int grid = p.slices * groups;
   std::mt19937 gen(0);
   std::normal_distribution<double> nd(0.0, 0.5);
-  auto rnd = [&](int n) { Vec v(n); for (auto& e : v) e = nd(gen); return v; };
+  auto rnd = [&](int n) {
+    Vec v(n);
+    for (auto& e : v) e = nd(gen);
+    return v;
+  };
   const Vec xw = rnd(T * B * H), h0 = rnd(B * H), w = rnd(H * H), gy = rnd(T * B * H);
+  const Vec ghn = rnd(B * H);
 
   Vec y(xw);
-  const size_t fwd_smem = smem_layout(false, B, H, J, kRowTile, kGroup).total * sizeof(double);
-  simt::launch_cooperative(&rnn_forward_persistent_kernel<double>, dim3(kGrid), dim3(kThreads), fwd_smem,
-                           h0.data(), w.data(), y.data(), T, B, H, J, kRowTile, kGroup, false);
-  const Vec y_ref = naive_forward(xw, h0, w);
+  const size_t fwd_smem = smem_layout(false, p.rows, H, p.J, p.b_tile).total * sizeof(double);
+  simt::launch_cooperative(&rnn_forward_persistent_kernel<double>, dim3(grid), dim3(threads),
+                           fwd_smem, h0.data(), w.data(), y.data(), p);
+  const Vec y_ref = naive_forward(p, xw, h0, w);
 
-  Vec dz(T * B * H), dh0(B * H), dw(H * H), db(H);
-  const size_t bwd_smem = smem_layout(true, B, H, J, kRowTile, kGroup).total * sizeof(double);
-  simt::launch_cooperative(&rnn_backward_persistent_kernel<double>, dim3(kGrid), dim3(kThreads), bwd_smem,
-                           gy.data(), h0.data(), w.data(), y_ref.data(), dz.data(), dh0.data(), dw.data(),
-                           db.data(), T, B, H, J, kRowTile, kGroup, false);
-  Vec dz_ref, dh0_ref, dw_ref, db_ref;
-  naive_backward(gy, h0, w, y_ref, dz_ref, dh0_ref, dw_ref, db_ref);
+  Vec dz(T * B * H), dh0(B * H), dw(groups * H * H), db(groups * H);
+  const size_t bwd_smem = smem_layout(true, p.rows, H, p.J, p.b_tile).total * sizeof(double);
+  simt::launch_cooperative(&rnn_backward_persistent_kernel<double>, dim3(grid), dim3(threads),
+                           bwd_smem, gy.data(), ghn.data(), h0.data(), w.data(), y_ref.data(),
+                           dz.data(), dh0.data(), dw.data(), db.data(), p);
+  for (int g = 1; g < groups; ++g) {  // the launcher's sum over batch groups
+    for (int i = 0; i < H * H; ++i) dw[i] += dw[g * H * H + i];
+    for (int i = 0; i < H; ++i) db[i] += db[g * H + i];
+  }
+  dw.resize(H * H);
+  db.resize(H);
+  const Grads ref = naive_backward(p, gy, ghn, h0, w, y_ref);
 
-  // The per-step kernel for the last step (no carry): dz_{T-1} = grad_y_{T-1} * (1 - y^2).
-  Vec dz_last(B * H);
-  const int64_t off = int64_t(T - 1) * B * H;
-  simt::launch(&rnn_backward_step_kernel<double>, dim3(2), dim3(32), 0, gy.data() + off,
-               static_cast<const double*>(nullptr), y_ref.data() + off, dz_last.data(), int64_t(B * H), false);
-  const Vec dz_last_ref(dz_ref.begin() + off, dz_ref.end());
-
-  const double errs[] = {max_diff(y, y_ref), max_diff(dz, dz_ref), max_diff(dh0, dh0_ref),
-                         max_diff(dw, dw_ref), max_diff(db, db_ref), max_diff(dz_last, dz_last_ref)};
-  const char* names[] = {"y", "dz", "dh0", "dW_hh", "db", "dz (per-step kernel)"};
+  const double errs[] = {max_diff(y, y_ref), max_diff(dz, ref.dz), max_diff(dh0, ref.dh0),
+                         max_diff(dw, ref.dw), max_diff(db, ref.db)};
+  const char* names[] = {"y", "dz", "dh0", "dW_hh", "db"};
   int bad = 0;
-  for (int i = 0; i < 6; ++i) {
-    std::printf("max |%s - naive| = %.3g\n", names[i], errs[i]);
-    if (!(errs[i] < 1e-12)) bad = 1;
+  for (int i = 0; i < 5; ++i) {
+    std::printf("%s: max |%s - naive| = %.3g\n", name, names[i], errs[i]);
+    bad += !(errs[i] < 1e-12);
   }
   return bad;
+}
+
+// The per-step kernel for the last step (grad_h_n, no carry) and the one before (carry, no
+// grad_h_n), relu, on 2 blocks of 32 threads.
+int check_step_kernel() {
+  const int n = 70;
+  std::mt19937 gen(1);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  Vec gy(n), ghn(n), carry(n), y(n), dz(n);
+  for (int i = 0; i < n; ++i) gy[i] = nd(gen), ghn[i] = nd(gen), carry[i] = nd(gen), y[i] = nd(gen);
+  int bad = 0;
+  for (int last = 0; last < 2; ++last) {
+    simt::launch(&rnn_backward_step_kernel<double>, dim3(2), dim3(32), 0, gy.data(),
+                 last ? ghn.data() : nullptr, last ? nullptr : carry.data(), y.data(), dz.data(),
+                 int64_t(n), true);
+    double err = 0;
+    for (int i = 0; i < n; ++i)
+      err = std::fmax(err, std::fabs(dz[i] - gate(gy[i] + (last ? ghn[i] : carry[i]), y[i], true)));
+    std::printf("step kernel: max |dz - naive| = %.3g\n", err);
+    bad += !(err < 1e-12);
+  }
+  return bad;
+}
+
+int run_rnn() {
+  // T, B, H, J, slices, rows, b_tile, group, relu.
+  // 3 slices of 4, 4, 2 units; input rows staged 2 at a time (tiles of 2 and 1 rows).
+  const PersistentParams tiles{3, 3, 10, 4, 3, 3, 2, 4, false};
+  // The batch in 2 groups (3 and 2 rows) x 2 slices (8 and 2 units): 4 blocks; relu.
+  const PersistentParams groups{3, 5, 10, 8, 2, 3, 3, 2, true};
+  return check_plan("row tiles", tiles, 64) + check_plan("batch groups", groups, 32) +
+         check_step_kernel();
 }
 
 // Every thread adds to one shared counter without synchronization: a data race TSan must see.
@@ -117,8 +172,9 @@ __global__ void racy_kernel(int* out) {
   if (threadIdx.x == 0) *out = *counter;
 }
 
-// Per thread of 2 warps: out[0] ballot of odd lanes, out[1] lane+1's value (shfl_down; the last lane
-// keeps its own), out[2] lane 0's value (shfl), out[3] lane^3's value (shfl_xor); `sum` counts all.
+// Per thread of 2 warps: out[0] ballot of odd lanes, out[1] lane+1's value (shfl_down; the last
+// lane keeps its own), out[2] lane 0's value (shfl), out[3] lane^3's value (shfl_xor); `sum`
+// counts all.
 __global__ void warp_ops_kernel(unsigned* out, unsigned* sum) {
   const unsigned lane = threadIdx.x & 31u, v = 100u * threadIdx.x;
   unsigned* o = out + 4 * threadIdx.x;
@@ -137,7 +193,8 @@ int run_warp_ops() {
   int bad = sum != 64;
   for (unsigned t = 0; t < 64; ++t) {
     const unsigned lane = t & 31u, warp0 = t - lane;
-    const unsigned expect[4] = {0xAAAAAAAAu, 100u * (lane == 31 ? t : t + 1), 100u * warp0, 100u * (warp0 + (lane ^ 3u))};
+    const unsigned expect[4] = {0xAAAAAAAAu, 100u * (lane == 31 ? t : t + 1), 100u * warp0,
+                                100u * (warp0 + (lane ^ 3u))};
     for (int k = 0; k < 4; ++k)
       if (out[4 * t + k] != expect[k]) {
         std::printf("thread %u op %d: got %u, expected %u\n", t, k, out[4 * t + k], expect[k]);
@@ -155,6 +212,19 @@ __global__ void shuffle_kernel(double* out) {
 __global__ void grid_sync_kernel(int* out) {
   fb::grid_sync();
   out[blockIdx.x] = 1;
+}
+
+// Block 1 has nothing to do and returns; block 0 then waits for it at the grid barrier.
+__global__ void early_exit_kernel(int* out) {
+  if (blockIdx.x == 1) return;
+  fb::grid_sync();
+  out[threadIdx.x] = 1;
+}
+
+// A float4 read 8 bytes past a 16-byte boundary.
+__global__ void misaligned_kernel(const float* in, float* out) {
+  const float4 v = __ldcg(reinterpret_cast<const float4*>(in + 2));
+  out[threadIdx.x] = v.x;
 }
 
 }  // namespace
@@ -179,6 +249,20 @@ int main(int argc, char** argv) {
     simt::launch(&grid_sync_kernel, dim3(2), dim3(32), 0, out.data());
     return 0;
   }
-  std::fprintf(stderr, "unknown mode %s (rnn, race, warp_ops, partial_warp, grid_sync)\n", mode);
+  if (std::strcmp(mode, "early_exit") == 0) {
+    std::vector<int> out(32);
+    simt::launch_cooperative(&early_exit_kernel, dim3(2), dim3(32), 0, out.data());
+    return 0;
+  }
+  if (std::strcmp(mode, "misaligned") == 0) {
+    alignas(16) float in[8] = {};
+    std::vector<float> out(32);
+    simt::launch(&misaligned_kernel, dim3(1), dim3(32), 0, in, out.data());
+    return 0;
+  }
+  std::fprintf(stderr,
+               "unknown mode %s (rnn, race, warp_ops, partial_warp, grid_sync, early_exit, "
+               "misaligned)\n",
+               mode);
   return 2;
 }

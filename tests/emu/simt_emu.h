@@ -1,35 +1,44 @@
-// simt_emu.h: runs CUDA kernel source on CPU threads, one std::thread per CUDA thread.
+// simt_emu.h: runs CUDA kernel source on CPU threads, one std::thread per CUDA thread. Test-only:
+// the product never includes it.
 //
-// Included by simt.cuh when the compiler is not nvcc (g++ -std=c++20). It exists so the tests can run
-// the exact kernels of rnn_kernels.cuh on a machine without a GPU, and so ThreadSanitizer can look
-// for races in them.
+// A translation unit of the tests includes this file first and then the kernels
+// (csrc/cuda/rnn_kernels.cuh); csrc/cuda/simt.cuh sees FB_SIMT_EMULATION and takes the names below
+// instead of CUDA's. It exists so the tests can run the exact kernels on a machine without a GPU,
+// and so ThreadSanitizer can look for races in them. Build with g++ -std=c++20 and
+// -Wno-unknown-pragmas (the kernels' `#pragma unroll` is CUDA's; GCC before 13 cannot be told
+// from source to ignore it).
 //
 // What is emulated:
-//   threadIdx / blockIdx / blockDim / gridDim   thread-local per emulated thread
-//   __syncthreads()                             a std::barrier per block; threads that return
-//                                               leave it (arrive_and_drop), as on the GPU
-//   grid_sync()                                 one std::barrier over every thread of a cooperative
-//                                               launch; called outside one, it aborts (on a GPU a
-//                                               hand-made grid barrier would deadlock)
-//   __shfl_*_sync / __ballot_sync / __syncwarp  a per-warp exchange buffer between two per-warp
-//                                               barriers; a mask that is not exactly the warp's live
-//                                               lanes, or a source lane outside it, aborts
-//   atomicAdd / atomicCAS / atomicExch / atomicMax   std::atomic_ref
-//   __ldcg, __threadfence                       a plain load, a seq_cst fence
-//   dynamic shared memory                       one buffer per block, filled with 0xFF bytes (NaN for
-//                                               float/double) so reads before writes show up
-//   static __shared__                           refused at compile time: under emulation it would be
-//                                               one array shared by every block
-//   launches                                    simt::launch (blocks one after another) and
-//                                               simt::launch_cooperative (all blocks at once); both
-//                                               abort after SIMT_EMU_TIMEOUT_S seconds (default 120)
-//                                               instead of hanging on a deadlock
+//   - threadIdx / blockIdx / blockDim / gridDim: thread-local per emulated thread.
+//   - __syncthreads(): a std::barrier per block; threads that return leave it (arrive_and_drop),
+//     as on the GPU.
+//   - fb::grid_sync(), fb::grid_arrive(), fb::grid_wait(token): one barrier over every thread of
+//     a cooperative launch. Outside one they abort (on a GPU a hand-made grid barrier would
+//     deadlock). A barrier phase that some threads reach by returning from the kernel while
+//     others wait in it aborts too: on a GPU the waiting blocks would hang. (Stricter than a GPU,
+//     where only a block's first thread counts.)
+//   - __shfl_*_sync / __ballot_sync / __syncwarp: a per-warp exchange buffer between two per-warp
+//     barriers; a mask that is not exactly the warp's live lanes, or a source lane outside it,
+//     aborts.
+//   - atomicAdd / atomicCAS / atomicExch / atomicMax: std::atomic_ref. __ldcg: a plain load.
+//     __threadfence: a seq_cst fence.
+//   - float4 / double2, fb::load_as / store_as, fb::copy_async_16: 16-byte aligned types; a
+//     vector access (these, __ldcg of a vector, an asynchronous copy) at an address not aligned
+//     to its size aborts, as it faults on a GPU. Asynchronous copies complete at once.
+//   - dynamic shared memory: one buffer per block, filled with 0xFF bytes (NaN for float/double)
+//     so reads before writes show up. A static __shared__ array is refused at compile time: under
+//     emulation it would be one array shared by every block.
+//   - launches: simt::launch (blocks one after another) and simt::launch_cooperative (all blocks
+//     at once); both abort after SIMT_EMU_TIMEOUT_S seconds (default 120) instead of hanging on
+//     a deadlock.
 //
 // What is NOT emulated: the GPU memory model (every emulated access is coherent, so a missing
 // __threadfence or a stale L1 read cannot show up here), occupancy and co-residency (the launcher
 // asks the caller's device config), warp lock-step execution and independent thread scheduling
 // details, timing, fast-math and FMA contraction, and texture/constant memory.
 #pragma once
+
+#define FB_SIMT_EMULATION 1
 
 #include <atomic>
 #include <barrier>
@@ -54,6 +63,13 @@ struct dim3 {
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
+
 #define __global__
 #define __device__
 #define __host__
@@ -71,6 +87,12 @@ namespace simt {
   std::abort();
 }
 
+template <typename V, typename T>
+void check_aligned(const T* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(V) != 0)
+    fail("misaligned vector access (a GPU faults on it)");
+}
+
 struct Warp {
   explicit Warp(int lanes) : sync(lanes), live(lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u) {}
   std::barrier<> sync;
@@ -85,22 +107,68 @@ struct Block {
       warps.push_back(std::make_unique<Warp>(threads - w * 32 < 32 ? threads - w * 32 : 32));
   }
   std::barrier<> sync;
-  struct alignas(16) Chunk { unsigned char b[16]; };
+  struct alignas(16) Chunk {
+    unsigned char b[16];
+  };
   std::vector<Chunk> smem;
   std::vector<std::unique_ptr<Warp>> warps;
 };
 
+// The barrier of a cooperative launch, over every thread of the grid. arrive() returns the phase
+// the arrival belongs to; wait(phase) returns once that phase is complete. A thread that returns
+// from the kernel arrives too (exit()), so the last phase completes; a phase completed by a mix of
+// exits and arrivals means some thread waits for a thread that is gone: abort.
+class GridBarrier {
+ public:
+  explicit GridBarrier(int threads) : expected_(threads) {}
+
+  unsigned arrive() {
+    std::lock_guard<std::mutex> g(m_);
+    const unsigned phase = phase_;
+    add(false);
+    return phase;
+  }
+  void exit() {
+    std::lock_guard<std::mutex> g(m_);
+    add(true);
+  }
+  void wait(unsigned phase) {
+    std::unique_lock<std::mutex> g(m_);
+    cv_.wait(g, [&] { return phase_ != phase; });
+    if (broken_)
+      fail("a thread returned from the kernel while others wait at a grid barrier "
+           "(on a GPU the grid hangs)");
+  }
+
+ private:
+  void add(bool exiting) {
+    exits_ += exiting;
+    if (++count_ < expected_) return;
+    if (exits_ > 0 && exits_ < count_) broken_ = true;
+    count_ = exits_ = 0;
+    ++phase_;
+    cv_.notify_all();
+  }
+  std::mutex m_;
+  std::condition_variable cv_;
+  const int expected_;
+  int count_ = 0, exits_ = 0;
+  unsigned phase_ = 0;
+  bool broken_ = false;
+};
+
 struct Context {
   Block* block = nullptr;
-  std::barrier<>* grid = nullptr;  // non-null only in a cooperative launch
+  GridBarrier* grid = nullptr;  // non-null only in a cooperative launch
 };
 inline thread_local Context ctx;
 
 inline void* dynamic_shared() { return ctx.block->smem.data(); }
 
-inline void grid_sync() {
-  if (ctx.grid == nullptr) fail("grid_sync() outside a cooperative launch (it would deadlock on a GPU)");
-  ctx.grid->arrive_and_wait();
+inline GridBarrier& grid_barrier() {
+  if (ctx.grid == nullptr)
+    fail("grid barrier outside a cooperative launch (it would deadlock on a GPU)");
+  return *ctx.grid;
 }
 
 inline unsigned lane_id() { return threadIdx.x & 31u; }
@@ -110,9 +178,11 @@ inline Warp& this_warp() { return *ctx.block->warps[threadIdx.x >> 5]; }
 // lane overwrites its slot before every lane has read.
 template <typename T, typename Read>
 T warp_exchange(unsigned mask, T v, Read read) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "simt_emu: warp op on a type > 8 bytes");
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>,
+                "simt_emu: warp op on a type > 8 bytes");
   Warp& w = this_warp();
-  if (mask != w.live.load()) fail("warp op whose mask is not exactly the warp's live lanes (partial warp?)");
+  if (mask != w.live.load())
+    fail("warp op whose mask is not exactly the warp's live lanes (partial warp?)");
   std::memcpy(w.slot[lane_id()], &v, sizeof(T));
   w.sync.arrive_and_wait();
   T out = read(w);
@@ -150,7 +220,8 @@ void run_threads(int threads, Body body) {
   {
     std::unique_lock<std::mutex> g(m);
     if (!cv.wait_for(g, std::chrono::seconds(timeout_s), [&] { return done == threads; })) {
-      std::fprintf(stderr, "simt_emu: launch did not finish in %d s (deadlock?): %d of %d threads done\n",
+      std::fprintf(stderr,
+                   "simt_emu: launch did not finish in %d s (deadlock?): %d of %d threads done\n",
                    timeout_s, done, threads);
       std::fflush(stderr);
       std::abort();
@@ -167,26 +238,27 @@ void launch_impl(bool cooperative, void (*kernel)(KArgs...), dim3 grid, dim3 blo
   const std::tuple<std::decay_t<KArgs>...> typed(std::forward<Args>(args)...);
   const int nb = static_cast<int>(grid.x), nt = static_cast<int>(block.x);
   if (nb == 0 || nt == 0) return;
-  auto thread_body = [&](Block* blk, std::barrier<>* gbar, int b, int t) {
+  auto thread_body = [&](Block* blk, GridBarrier* gbar, int b, int t) {
     gridDim = grid;
     blockDim = block;
     blockIdx = dim3(b);
     threadIdx = dim3(t);
     ctx = Context{blk, gbar};
     std::apply(kernel, typed);
-    // A returned thread no longer takes part in any barrier, as on the GPU.
+    // A returned thread no longer takes part in the warp and block barriers, as on the GPU.
     Warp& w = this_warp();
     w.live.fetch_and(~(1u << lane_id()));
     w.sync.arrive_and_drop();
     blk->sync.arrive_and_drop();
-    if (gbar) gbar->arrive_and_drop();
+    if (gbar) gbar->exit();
     ctx = Context{};
   };
   if (cooperative) {
     std::vector<std::unique_ptr<Block>> blocks;
     for (int b = 0; b < nb; ++b) blocks.push_back(std::make_unique<Block>(nt, smem));
-    std::barrier<> gbar(static_cast<std::ptrdiff_t>(nb) * nt);
-    run_threads(nb * nt, [&](int i) { thread_body(blocks[i / nt].get(), &gbar, i / nt, i % nt); });
+    GridBarrier gbar(nb * nt);
+    run_threads(nb * nt,
+                [&](int i) { thread_body(blocks[i / nt].get(), &gbar, i / nt, i % nt); });
   } else {
     for (int b = 0; b < nb; ++b) {
       Block blk(nt, smem);
@@ -201,15 +273,51 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&
 }
 
 template <typename... KArgs, typename... Args>
-void launch_cooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+void launch_cooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                        Args&&... args) {
   launch_impl(true, kernel, grid, block, smem, std::forward<Args>(args)...);
 }
 
 }  // namespace simt
 
+// The names csrc/cuda/simt.cuh gives the kernels, emulated.
+namespace fb {
+struct GridToken {
+  unsigned phase;
+};
+inline void grid_sync() {
+  simt::GridBarrier& g = simt::grid_barrier();
+  g.wait(g.arrive());
+}
+inline GridToken grid_arrive() { return GridToken{simt::grid_barrier().arrive()}; }
+inline void grid_wait(GridToken token) { simt::grid_barrier().wait(token.phase); }
+
+template <typename V, typename T>
+inline V load_as(const T* p) {
+  simt::check_aligned<V>(p);
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename T, typename V>
+inline void store_as(T* p, const V& v) {
+  simt::check_aligned<V>(p);
+  std::memcpy(p, &v, sizeof(V));
+}
+// The copy happens at once; the GPU's may land any time before the wait, which the kernels'
+// __syncthreads after the wait covers either way.
+inline void copy_async_16(void* dst, const void* src) {
+  simt::check_aligned<float4>(dst);
+  simt::check_aligned<float4>(src);
+  std::memcpy(dst, src, 16);
+}
+inline void copy_async_wait() {}
+}  // namespace fb
+
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  return simt::shuffle_from(mask, v, (simt::lane_id() & ~unsigned(width - 1)) + unsigned(src % width));
+  return simt::shuffle_from(mask, v,
+                           (simt::lane_id() & ~unsigned(width - 1)) + unsigned(src % width));
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
@@ -241,12 +349,21 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 inline void __syncthreads() { simt::ctx.block->sync.arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>
-T __ldcg(const T* p) { return *p; }
+T __ldcg(const T* p) {
+  simt::check_aligned<T>(p);
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
 
 template <typename T>
-T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+T atomicAdd(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_add(v);
+}
 template <typename T>
-T atomicExch(T* p, T v) { return std::atomic_ref<T>(*p).exchange(v); }
+T atomicExch(T* p, T v) {
+  return std::atomic_ref<T>(*p).exchange(v);
+}
 template <typename T>
 T atomicCAS(T* p, T expected, T desired) {
   std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);

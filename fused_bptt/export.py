@@ -1,0 +1,136 @@
+"""ONNX export of FusedRNN: the graph is ONNX's standard `RNN` operator, with either exporter.
+
+`torch.onnx.export(model, args, f)` on a model that holds a FusedRNN needs nothing extra from the
+user. While an ONNX export traces the model, FusedRNN.forward hands over to `onnx_forward`, which
+never reaches the fused op (an ONNX runtime has no `fused_bptt::rnn_forward`):
+
+- TorchScript exporter (`dynamo=False`): nn.RNN's own forward, which that exporter translates into
+  one ONNX `RNN` node per layer (its symbolic for aten::rnn_tanh / aten::rnn_relu).
+- dynamo exporter (`dynamo=True`, the default): one ONNX `RNN` node per layer, written here with
+  `torch.onnx.ops.symbolic_multi_out`. nn.RNN's forward is no use there: that exporter unrolls
+  aten::rnn_tanh over the traced length, so the model only runs at the T it was traced with.
+
+Layer l of an RNN with D directions (D = 2 when bidirectional), time-major x [T, B, I_l]:
+
+    W  [D, H, I_l]  weight_ih_l{l}{_reverse}          R [D, H, H]  weight_hh_l{l}{_reverse}
+    B  [D, 2H]      cat(bias_ih, bias_hh) per direction (omitted when bias=False)
+    initial_h [D, B, H]  hx[l*D:(l+1)*D] (omitted without hx: ONNX starts from zeros, as nn.RNN)
+    Y [T, D, B, H] -> next layer's input [T, B, D*H];  Y_h [D, B, H] -> h_n[l*D:(l+1)*D]
+
+ONNX's RNN computes H_t = f(X_t W^T + H_{t-1} R^T + Wb + Rb), nn.RNN's recurrence exactly, and
+its reverse direction reads the sequence from the end, as nn.RNN's does.
+
+Nothing here changes global state: the checks read torch's export flags, the graph is written
+through the public torch.onnx.ops API, and no translation table or exporter registry is touched.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+
+def onnx_export_active() -> bool:
+    """True while torch.onnx.export traces the model (either exporter).
+
+    The cheap checks come first: `torch.onnx` is imported lazily by torch and costs ~20 ms to
+    import, which an eager forward (no tracing, no torch.export) never pays. A model called eagerly
+    while an export runs (e.g. to compare outputs) keeps the fused kernels.
+    """
+    return (torch.jit.is_tracing() or _torch_is_exporting()) and _in_onnx_export()
+
+
+# torch.compiler.is_exporting is newer than the oldest torch the package accepts (pyproject); on a
+# torch without it the dynamo exporter cannot take the path below anyway (no torch.onnx.ops).
+_torch_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+
+
+@torch.compiler.assume_constant_result
+def _in_onnx_export() -> bool:
+    # When torch.export(strict=False) fails, the dynamo exporter retries with strict=True, where
+    # TorchDynamo replaces torch.onnx.is_in_onnx_export() by a constant False; marked constant,
+    # this function is run once at trace time instead and returns the real flag. The retry then
+    # fails too (TorchDynamo does not trace torch.onnx.ops), and the exporter reports the first
+    # error, the one that says what went wrong; unmarked, the retry would put the fused op into
+    # the graph and fail later with "No ONNX function found for fused_bptt.rnn_forward".
+    return torch.onnx.is_in_onnx_export()
+
+
+def onnx_forward(rnn: nn.RNN, input, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """FusedRNN.forward while an ONNX export traces it: same inputs, outputs and checks."""
+    if isinstance(input, PackedSequence):
+        raise NotImplementedError(
+            "ONNX export of FusedRNN does not take a PackedSequence yet (variable lengths, ONNX "
+            "RNN's sequence_lens, are not supported); export with a padded [T, B, I] tensor "
+            "([B, T, I] with batch_first) instead")
+    if torch.jit.is_tracing():
+        return nn.RNN.forward(rnn, input, hx)
+    return _rnn_through_onnx_op(rnn, input, hx)
+
+
+def _rnn_through_onnx_op(rnn: nn.RNN, input: Tensor,
+                         hx: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    if not hasattr(torch.onnx, "ops"):
+        raise RuntimeError(
+            f"exporting FusedRNN with the dynamo exporter needs torch >= 2.8 (torch.onnx.ops), "
+            f"but this is torch {torch.__version__}; upgrade torch or pass dynamo=False to "
+            f"torch.onnx.export")
+    if rnn.training and rnn.dropout > 0 and rnn.num_layers > 1:
+        # ONNX RNN has no dropout between layers: exporting it would silently drop it.
+        raise RuntimeError(
+            f"FusedRNN has dropout={rnn.dropout} between layers and is in training mode, which "
+            f"ONNX RNN cannot express; call model.eval() before torch.onnx.export")
+    if input.dim() not in (2, 3):
+        raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+    is_batched = input.dim() == 3
+    batch_dim = 0 if rnn.batch_first else 1
+    if not is_batched:
+        input = input.unsqueeze(batch_dim)
+        if hx is not None:
+            if hx.dim() != 2:
+                raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got "
+                                   f"{hx.dim()}-D tensor")
+            hx = hx.unsqueeze(1)
+    elif hx is not None and hx.dim() != 3:
+        raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got "
+                           f"{hx.dim()}-D tensor")
+    if hx is None:
+        rnn.check_input(input, None)
+    else:
+        rnn.check_forward_args(input, hx, None)
+        if hx.dtype != input.dtype:
+            raise ValueError(f"RNN hx dtype ({hx.dtype}) does not match input dtype "
+                             f"({input.dtype}). Convert it: hx.to({input.dtype})")
+
+    x = input.transpose(0, 1) if rnn.batch_first else input
+    num_directions = 2 if rnn.bidirectional else 1
+    seq_len, batch = x.shape[0], x.shape[1]
+    hidden = rnn.hidden_size
+    finals = []
+    for layer in range(rnn.num_layers):
+        first = layer * num_directions
+        params = [[getattr(rnn, name) for name in rnn._all_weights[first + d]]
+                  for d in range(num_directions)]
+        weight = torch.stack([p[0] for p in params])
+        recurrence = torch.stack([p[1] for p in params])
+        bias = torch.stack([torch.cat([p[2], p[3]]) for p in params]) if rnn.bias else None
+        initial_h = None if hx is None else hx[first:first + num_directions]
+        y, h_last = torch.onnx.ops.symbolic_multi_out(
+            "RNN",
+            # X, W, R, B, sequence_lens, initial_h; None is an omitted optional input.
+            [x, weight, recurrence, bias, None, initial_h],
+            {"activations": ["Relu" if rnn.nonlinearity == "relu" else "Tanh"] * num_directions,
+             "direction": "bidirectional" if rnn.bidirectional else "forward",
+             "hidden_size": hidden},
+            dtypes=[x.dtype, x.dtype],
+            shapes=[[seq_len, num_directions, batch, hidden], [num_directions, batch, hidden]],
+        )
+        # [T, D, B, H] -> [T, B, D*H]: the directions side by side, as nn.RNN concatenates them.
+        x = y.squeeze(1) if num_directions == 1 else y.transpose(1, 2).flatten(2)
+        finals.append(h_last)
+    h_n = torch.cat(finals) if len(finals) > 1 else finals[0]
+    output = x.transpose(0, 1) if rnn.batch_first else x
+    if not is_batched:
+        output = output.squeeze(batch_dim)
+        h_n = h_n.squeeze(1)
+    return output, h_n
