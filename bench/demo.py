@@ -61,9 +61,8 @@ try:
 except ImportError as error:
     raise SystemExit(f"demo: cannot import fused_bptt ({error}); the demo runs the installed "
                      f"package: pip install --no-build-isolation . in the checkout")
-from fused_bptt import FusedRNN, available_backends
-from fused_bptt.function import resolve_backend
-from fused_bptt.tbptt import RNNWithHead, StatefulTBPTT, StatelessTBPTT, train_tbptt
+from fused_bptt import (FusedRNN, RNNWithHead, StatefulTBPTT, StatelessTBPTT,
+                        available_backends, train_tbptt)
 
 
 def parse_args(argv):
@@ -190,17 +189,22 @@ def make_tasks(args):
 
 def check_backend(args):
     """The backend FusedRNN will run here; exits if that is the slow reference by default."""
-    probe = torch.zeros(1, 1, 1, device=args.device)
-    try:
-        used = resolve_backend(args.backend, probe)
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise SystemExit(f"demo: {error}")
+    available = available_backends()
+    wanted = "cuda" if args.device.startswith("cuda") else "cpp"
+    if args.backend not in ("auto", *available):
+        raise SystemExit(f"demo: --backend {args.backend!r} is not available here; available "
+                         f"backends: {available} (or 'auto')")
+    used = wanted if args.backend == "auto" and wanted in available else args.backend
+    if used == "auto":
+        used = "reference"           # what backend="auto" runs when the kernels are missing
+    if used not in ("reference", wanted):
+        raise SystemExit(f"demo: --backend {used!r} does not run {args.device} tensors; use "
+                         f"{wanted!r}, 'auto' or 'reference'")
     if used == "reference" and args.backend != "reference":
         raise SystemExit(
             f"demo: FusedRNN would run the slow pure-PyTorch reference backend on {args.device}: "
             f"fused_bptt imported from {Path(fused_bptt.__file__).parent} has the backends "
-            f"{available_backends()}, but the demo needs "
-            f"{'cuda' if args.device.startswith('cuda') else 'cpp'}. Install the package with its "
+            f"{available}, but the demo needs {wanted}. Install the package with its "
             f"compiled kernels (pip install --no-build-isolation . in the checkout) and run the "
             f"demo as `python bench/demo.py`, or pass --backend reference to time the reference")
     return used
