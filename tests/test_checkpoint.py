@@ -224,6 +224,9 @@ def test_bad_input_errors():
         checkpointed_bptt(lambda x, h: (*model(x, h), 0), x, target, sum_mse)
     with pytest.raises(TypeError, match=r"h_n = None"):
         checkpointed_bptt(lambda x, h: (model(x, h)[0], None), x, target, sum_mse)
+    with pytest.raises(RuntimeError, match=r"state changed shape between segments"):
+        checkpointed_bptt(lambda x, h: (lambda p, h_n: (p, h_n if h is None else h_n[0]))(
+            *model(x, h)), x, target, sum_mse, segment=3)
     with pytest.raises(ValueError, match=r"x must be a tensor with time at dim 0"):
         checkpointed_bptt(model, [1, 2], target, sum_mse)
     model.requires_grad_(False)

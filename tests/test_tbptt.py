@@ -203,7 +203,8 @@ def test_k1_k2_gradients_and_states_equal_hand_written_loop(kind, T, k1, k2):
     assert len(driver) == len(expected) == math.ceil(T / k1)
     for index, (chunk, want) in enumerate(zip(driver, expected)):
         s, e = index * k1, min(index * k1 + k1, T)
-        assert chunk.context == s - max(0, s - (k2 - k1)) and chunk.x.shape[0] == e - s + chunk.context
+        assert chunk.context == s - max(0, s - (k2 - k1))
+        assert chunk.x.shape[0] == e - s + chunk.context
         torch.testing.assert_close(chunk.target.cpu(), target[s:e], rtol=0, atol=0)
         pred, h_n = model(chunk.x, chunk.h)
         loss = F.mse_loss(chunk.scored(pred), chunk.target)
