@@ -45,9 +45,9 @@ run without its compiled kernels unless told `--backend reference`.
     python bench/demo.py --quick         # seconds: a smoke run (the tests call it)
 """
 import argparse
-import csv
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, List, NamedTuple
@@ -63,6 +63,9 @@ except ImportError as error:
                      f"package: pip install --no-build-isolation . in the checkout")
 from fused_bptt import (FusedRNN, RNNWithHead, StatefulTBPTT, StatelessTBPTT,
                         available_backends, train_tbptt)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_util import format_table, write_csv  # noqa: E402
 
 
 def parse_args(argv):
@@ -335,23 +338,6 @@ def time_updates(args, task):
         print(f"timing k={k}: nn.RNN {ms['torch']:.3f} ms/update, FusedRNN {ms['fused']:.3f} "
               f"ms/update, speedup {ms['torch'] / ms['fused']:.2f}x", flush=True)
     return results
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def format_table(rows):
-    keys = list(rows[0])
-    cells = [[f"{r[key]:.4f}" if isinstance(r[key], float) else str(r[key]) for key in keys]
-             for r in rows]
-    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
-    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def plot(path, args, pulse, recall):

@@ -45,3 +45,31 @@ def test_demo_quick_run(tmp_path):
     assert rows["pulse"] and all(math.isfinite(r["eval_mse"]) for r in rows["pulse"])
     assert rows["recall"] and all(0 <= r["eval_acc"] <= 1 and r["targets"] > 0
                                   for r in rows["recall"])
+
+
+@pytest.mark.slow
+def test_long_range_demo_quick_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    if "cpp" not in fused_bptt.available_backends():
+        pytest.skip("the long-range demo needs the compiled CPU kernels")
+    rows = load_script("long_range").main(["--quick", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["tbptt", "tbptt_k1_k2", "checkpointed", "plain"]
+    curves = list(csv.DictReader((tmp_path / "long_range_curves.csv").open()))
+    assert len(curves) == sum(r["updates"] for r in rows)
+    assert all(math.isfinite(float(c["grad_norm"])) and c["clipped"] in "01" for c in curves)
+    for r in rows[:3]:
+        assert 0 <= r["eval_acc"] <= 1 and r["ms_per_update"] > 0 and r["peak_mib"] >= 0
+    assert (tmp_path / "long_range.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_memory_bench_quick_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    if "cpp" not in fused_bptt.available_backends():
+        pytest.skip("the memory bench needs the compiled CPU kernels")
+    rows, timing = load_script("bench_memory").main(["--quick", "--out", str(tmp_path)])
+    assert {(r["method"], r["T"]) for r in rows} == {("plain", 400), ("checkpointed", 1600)}
+    assert all(r["peak_mib"] >= 0 and r["seconds"] > 0 for r in rows)
+    assert timing and all(r["plain_s"] > 0 and r["checkpointed_s"] > 0 for r in timing)
+    assert "peak resident set size" in (tmp_path / "memory.txt").read_text()
+    assert (tmp_path / "memory.png").stat().st_size > 0
