@@ -30,30 +30,11 @@ import torch
 from torch import Tensor
 
 from .tbptt import State, _map_state, _state_tensors
+from .train import _check_loss, _split_output
 
 __all__ = ["checkpointed_bptt"]
 
 WHO = "checkpointed_bptt"
-
-
-def _split_output(out, segment_index: int):
-    """(pred, h_n) from what the model returned, or a TypeError saying what came instead."""
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        what = (f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list))
-                else f"a {type(out).__name__}")
-        raise TypeError(f"{WHO}: model(x, h) must return (pred, h_n), as nn.RNN, FusedRNN, "
-                        f"nn.LSTM and RNNWithHead do, but it returned {what}")
-    pred, h_n = out
-    try:
-        _map_state(lambda t: t, h_n)
-    except TypeError as error:
-        raise TypeError(f"{WHO}: model(x, h) must return (pred, h_n) with h_n its final state "
-                        f"({error})") from None
-    if not _state_tensors(h_n):
-        raise TypeError(f"{WHO}: model(x, h) returned h_n = {h_n!r} for segment "
-                        f"{segment_index}; expected its final state (a Tensor or a tuple of "
-                        f"Tensors) to start the next segment from")
-    return pred, h_n
 
 
 class _RNGStates:
@@ -183,7 +164,7 @@ def checkpointed_bptt(model: Callable, x: Tensor, target: Tensor,
         h = h0_in
         for index, start in enumerate(starts):
             rng_states.capture(index)
-            _, h = _split_output(model(piece(x_in, start), h), index)
+            _, h = _split_output(model(piece(x_in, start), h), WHO, f"segment {index}")
             if index + 1 < len(starts):
                 boundaries.store(index + 1, h)
             h = boundaries.load(index + 1) if index + 1 < len(starts) else None
@@ -198,12 +179,10 @@ def checkpointed_bptt(model: Callable, x: Tensor, target: Tensor,
         h_in = h0_in if index == 0 else _map_state(_leaf, boundaries.load(index))
         rng_states.restore(index)
         with torch.enable_grad():
-            pred, h_out = _split_output(model(piece(x_in, start), h_in), index)
+            pred, h_out = _split_output(model(piece(x_in, start), h_in), WHO,
+                                        f"segment {index}")
             loss = loss_fn(pred, piece(target_in, start))
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
-            raise ValueError(f"{WHO}: loss_fn must return a scalar tensor (a reduction such as "
-                             f"'mean' or 'sum'), but it returned {got}")
+        _check_loss(loss, WHO)
         outputs, grads = ([loss], [None]) if loss.requires_grad else ([], [])
         if grad_h is not None:
             finals = _state_tensors(h_out)

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .tbptt import State
+from .tbptt import State, _map_state, _state_tensors
 
 __all__ = ["RNNWithHead", "TrainLog", "train_tbptt"]
 
@@ -51,6 +51,32 @@ class TrainLog(list):
         super().__init__(losses)
         self.grad_norms: List[float] = list(grad_norms)
         self.clipped: List[bool] = list(clipped)
+
+
+def _split_output(out, who: str, where: str):
+    """(pred, h_n) from what the model returned, or a TypeError saying what came instead."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        what = (f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list))
+                else f"a {type(out).__name__}")
+        raise TypeError(f"{who}: model(x, h) must return (pred, h_n), as nn.RNN, FusedRNN, "
+                        f"nn.LSTM and RNNWithHead do, but it returned {what} ({where})")
+    pred, h_n = out
+    try:
+        _map_state(lambda t: t, h_n)
+    except TypeError as error:
+        raise TypeError(f"{who}: model(x, h) must return (pred, h_n) with h_n its final state "
+                        f"({error})") from None
+    if not _state_tensors(h_n):
+        raise TypeError(f"{who}: model(x, h) returned h_n = {h_n!r} ({where}); expected its "
+                        f"final state, a Tensor or a tuple of Tensors, to carry on from")
+    return pred, h_n
+
+
+def _check_loss(loss, who: str) -> None:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
+        raise ValueError(f"{who}: loss_fn must return a scalar tensor (a reduction such as "
+                         f"'mean' or 'sum'), but it returned {got}")
 
 
 def _grad_norm_and_clip(params: List[Tensor], max_norm: Optional[float]):
@@ -101,8 +127,9 @@ def train_tbptt(model: Callable, driver, loss_fn: Callable[[Tensor, Tensor], Ten
     params = [p for group in optimizer.param_groups for p in group["params"]]
     log = TrainLog()
     for index, chunk in enumerate(driver):
-        pred, h_n = model(chunk.x, chunk.h)
+        pred, h_n = _split_output(model(chunk.x, chunk.h), "train_tbptt", f"chunk {index}")
         loss = loss_fn(chunk.scored(pred), chunk.target)
+        _check_loss(loss, "train_tbptt")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm, clipped = _grad_norm_and_clip(params, clip_grad_norm)

@@ -476,6 +476,17 @@ def test_bad_input_errors(call, match):
         call(x, target)
 
 
+def test_train_tbptt_rejects_a_bad_model_output_and_a_non_scalar_loss():
+    x, target = stream_data(T=8)
+    model = RNNWithHead(make_rnn("torch"), nn.Linear(5, 2, dtype=torch.float64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"train_tbptt: model\(x, h\) must return \(pred, h_n\)"
+                                        r".*a Tensor \(chunk 0\)"):
+        train_tbptt(lambda x, h: model(x, h)[0], StatefulTBPTT(x, target, 4), F.mse_loss, opt)
+    with pytest.raises(ValueError, match=r"train_tbptt: loss_fn must return a scalar.*\(4, 4, 2\)"):
+        train_tbptt(model, StatefulTBPTT(x, target, 4), lambda p, t: (p - t) ** 2, opt)
+
+
 def test_carry_rejects_a_state_of_the_wrong_batch():
     x, target = stream_data(T=12, B=4)
     driver = StatefulTBPTT(x, target, k=4)
