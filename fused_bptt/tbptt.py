@@ -13,10 +13,11 @@ k time steps; gradients then flow inside a chunk and never across a chunk bounda
     batchify         one long sequence [N, ...] -> B contiguous streams [N // B, B, ...].
 
 Both drivers yield `Chunk(x, target, h, context, time_dim, resets)` and follow one protocol: run
-the model on `chunk.x` from `chunk.h` (with `resets=chunk.resets` when it is not None), take the loss of `chunk.scored(pred)` against `chunk.target`,
-then hand the model's final state back with `driver.carry(h_n)` (the stateless driver ignores
-it). Chunks are time-major ([k, B, ...]) unless the driver is built with batch_first=True
-([B, k, ...]), matching the module's own `batch_first`.
+the model on `chunk.x` from `chunk.h` (with `resets=chunk.resets` when it is not None), take
+the loss of `chunk.scored(pred)` against `chunk.target`, then hand the model's final state back
+with `driver.carry(h_n)` (the stateless driver ignores it). Chunks are time-major
+([k, B, ...]) unless the driver is built with batch_first=True ([B, k, ...]), matching the
+module's own `batch_first`.
 
 The training loop is in fused_bptt/train.py; exact full-sequence BPTT in bounded memory in
 fused_bptt/checkpoint.py.

@@ -118,10 +118,11 @@ def train_tbptt(model: Callable, driver, loss_fn: Callable[[Tensor, Tensor], Ten
     """One pass over `driver` (StatefulTBPTT or StatelessTBPTT): one optimizer step per chunk.
 
     For each chunk: pred, h_n = model(chunk.x, chunk.h) (with resets=chunk.resets when the
-    driver has boundaries; a model that takes no resets is then refused), loss = loss_fn(chunk.scored(pred),
-    chunk.target) (the newest steps only with StatefulTBPTT(backprop=k2)), backward, the
-    gradient norm of the optimizer's parameters (clipped to `clip_grad_norm` if set),
-    optimizer.step(), driver.carry(h_n). `on_chunk(index, loss)` is called after each step
+    driver has boundaries; a model that takes no resets is then refused),
+    loss = loss_fn(chunk.scored(pred), chunk.target) (the newest steps only with
+    StatefulTBPTT(backprop=k2)), backward, the gradient norm of the optimizer's parameters
+    (clipped to `clip_grad_norm` if set), optimizer.step(), driver.carry(h_n). `on_chunk(index,
+    loss)` is called after each step
     (progress, logging).
 
     `model` is any callable (x, h) -> (pred, h_n); with `head`, the model is

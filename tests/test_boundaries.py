@@ -8,8 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_bptt import (FusedRNN, RNNWithHead, StatefulTBPTT, available_backends, batchify,
-                        train_tbptt)
+from fused_bptt import (
+    FusedRNN,
+    RNNWithHead,
+    StatefulTBPTT,
+    available_backends,
+    batchify,
+    train_tbptt,
+)
 
 TOL64 = dict(rtol=1e-10, atol=1e-10)
 BACKENDS = [b for b in available_backends() if b != "cuda"]
