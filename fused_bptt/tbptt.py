@@ -12,11 +12,12 @@ k time steps; gradients then flow inside a chunk and never across a chunk bounda
                      (seeded), each window starting from a fresh zero state.
     batchify         one long sequence [N, ...] -> B contiguous streams [N // B, B, ...].
 
-Both drivers yield `Chunk(x, target, h, context, time_dim)` and follow one protocol: run the
-model on `chunk.x` from `chunk.h`, take the loss of `chunk.scored(pred)` against `chunk.target`,
-then hand the model's final state back with `driver.carry(h_n)` (the stateless driver ignores
-it). Chunks are time-major ([k, B, ...]) unless the driver is built with batch_first=True
-([B, k, ...]), matching the module's own `batch_first`.
+Both drivers yield `Chunk(x, target, h, context, time_dim, resets)` and follow one protocol: run
+the model on `chunk.x` from `chunk.h` (with `resets=chunk.resets` when it is not None), take
+the loss of `chunk.scored(pred)` against `chunk.target`, then hand the model's final state back
+with `driver.carry(h_n)` (the stateless driver ignores it). Chunks are time-major
+([k, B, ...]) unless the driver is built with batch_first=True ([B, k, ...]), matching the
+module's own `batch_first`.
 
 The training loop is in fused_bptt/train.py; exact full-sequence BPTT in bounded memory in
 fused_bptt/checkpoint.py.
@@ -42,12 +43,15 @@ class Chunk(NamedTuple):
     (None means zeros). The first `context` steps of x only rebuild the state and carry
     gradient back (TBPTT(k1, k2)); the loss is on the last n - context steps, whose targets
     are `target` ([n - context, B, ...]). context is 0 except with StatefulTBPTT(backprop=k2).
+    resets: None, or bool [n, B] ([B, n] when time_dim = 1) from StatefulTBPTT(boundaries=...),
+    covering every step of x (context steps too): pass it on, `model(x, h, resets=resets)`.
     """
     x: Tensor
     target: Tensor
     h: State
     context: int = 0
     time_dim: int = 0
+    resets: Optional[Tensor] = None
 
     def scored(self, pred: Tensor) -> Tensor:
         """The part of the model's output that the loss compares with `target`: its last
@@ -101,6 +105,28 @@ def _check_k(k, who: str) -> None:
                          f"steps, not a number of chunks), but got {k!r}")
 
 
+def _check_boundary_stream(boundaries, x: Tensor, num_streams: Optional[int],
+                      batch_first: bool) -> None:
+    """boundaries must be a bool tensor on x's device laid out like x: [N] with num_streams,
+    else x's first two dims ([T, B], or [B, T] with batch_first)."""
+    who = "StatefulTBPTT"
+    if num_streams is not None:
+        layout, expected = "[N] (one sequence, like x)", tuple(x.shape[:1])
+    else:
+        layout = "[B, T] (batch_first, like x)" if batch_first else "[T, B] (like x)"
+        expected = tuple(x.shape[:2])
+    if not isinstance(boundaries, Tensor) or boundaries.dtype != torch.bool:
+        got = boundaries.dtype if isinstance(boundaries, Tensor) else type(boundaries).__name__
+        raise TypeError(f"{who}: boundaries must be a bool tensor {layout}, true where a new "
+                        f"document starts, but got {got}")
+    if tuple(boundaries.shape) != expected:
+        raise ValueError(f"{who}: boundaries must have shape {layout} = {expected} for x of "
+                         f"shape {tuple(x.shape)}, but got {tuple(boundaries.shape)}")
+    if boundaries.device != x.device:
+        raise ValueError(f"{who}: boundaries must be on {x.device} (the device of x), but is "
+                         f"on {boundaries.device}")
+
+
 class StatefulTBPTT:
     """Consecutive chunks of B contiguous streams; the state crosses chunk boundaries detached.
 
@@ -121,12 +147,21 @@ class StatefulTBPTT:
             The loss covers the new steps only: compare `chunk.scored(pred)` with
             `chunk.target`. Each step is scored once and every gradient reaches k2 - k to k2
             steps back, at k2 / k times the forward and backward work of plain TBPTT(k).
+        boundaries: where documents (episodes) start, for streams of many concatenated ones:
+            a bool tensor laid out like x ([T, B], batch_first [B, T]; with num_streams one
+            [N], cut like x), on x's device. boundaries[t] true means the state entering step
+            t is zero. Each chunk then carries `chunk.resets`, the boundaries of its steps
+            (context steps included), in the chunk's layout; run the model with
+            `model(chunk.x, chunk.h, resets=chunk.resets)` (FusedRNN takes them; train_tbptt
+            passes them on), so no state leaks across a boundary, even inside a chunk.
 
-    Protocol: for each chunk run `pred, h_n = model(chunk.x, chunk.h)` and call `carry(h_n)`;
+    Protocol: for each chunk run `pred, h_n = model(chunk.x, chunk.h)` (adding
+    `resets=chunk.resets` with boundaries) and call `carry(h_n)`;
     h_n, the state after the chunk's last step, is exactly the state one unchunked forward
     gives there (the driver keeps the last k2 / k of them, detached, to start later windows).
     `reset()` zeroes the state of all streams, `reset(streams)` of some (an index list, a
-    LongTensor or a bool mask [B]), e.g. at a document boundary; do it between chunks.
+    LongTensor or a bool mask [B]) between chunks; for document boundaries inside the streams,
+    known in advance, pass `boundaries` instead (they also act inside a chunk).
     Iterating again starts from the first chunk and a zero state.
 
     Example::
@@ -142,7 +177,7 @@ class StatefulTBPTT:
 
     def __init__(self, x: Tensor, target: Tensor, k: int, num_streams: Optional[int] = None, *,
                  batch_first: bool = False, drop_last: bool = False,
-                 backprop: Optional[int] = None) -> None:
+                 backprop: Optional[int] = None, boundaries: Optional[Tensor] = None) -> None:
         who = "StatefulTBPTT"
         _check_k(k, who)
         if backprop is None:
@@ -156,14 +191,20 @@ class StatefulTBPTT:
             raise ValueError(f"{who}: backprop must be a multiple of k={k} (windows start at "
                              f"chunk boundaries, the only states the driver sees), but got "
                              f"{backprop}; use {backprop // k * k} or {(backprop // k + 1) * k}")
+        if boundaries is not None:
+            _check_boundary_stream(boundaries, x, num_streams, batch_first)
         if num_streams is not None:
             if x.dim() < 1 or target.dim() < 1 or x.shape[0] != target.shape[0]:
                 raise ValueError(f"{who}: x and target must be sequences of the same length "
                                  f"(dim 0), but got x {tuple(x.shape)} and target "
                                  f"{tuple(target.shape)}")
             x, target = batchify(x, num_streams), batchify(target, num_streams)
+            if boundaries is not None:
+                boundaries = batchify(boundaries, num_streams)
             if batch_first:
                 x, target = x.transpose(0, 1), target.transpose(0, 1)
+                if boundaries is not None:
+                    boundaries = boundaries.transpose(0, 1)
         else:
             if x.dim() < 2 or target.dim() < 2:
                 raise ValueError(f"{who}: without num_streams, x and target must be streams "
@@ -176,7 +217,7 @@ class StatefulTBPTT:
                                  f"and target {tuple(target.shape)}")
         self._time_dim = 1 if batch_first else 0
         self.x, self.target, self.k, self.drop_last = x, target, k, drop_last
-        self.backprop = backprop
+        self.backprop, self.boundaries = backprop, boundaries
         self.length = x.shape[self._time_dim]
         self.num_streams = x.shape[1 - self._time_dim]
         if self.length < k:
@@ -184,7 +225,7 @@ class StatefulTBPTT:
                              f"the chunk length k={k}; use k <= {self.length} or fewer streams")
         # The states at the last backprop // k chunk boundaries since the last full reset,
         # newest last; boundary j is the state after j * k steps.
-        self._boundaries = collections.deque([None], maxlen=backprop // k)
+        self._chunk_states = collections.deque([None], maxlen=backprop // k)
         self._first_boundary = 0          # the boundary of the last full reset
         self._next_index = 0              # the chunk after the current one
         self._awaiting_carry = False
@@ -192,7 +233,7 @@ class StatefulTBPTT:
     @property
     def state(self) -> State:
         """The carried state: the one the next chunk's new steps start from."""
-        return self._boundaries[-1]
+        return self._chunk_states[-1]
 
     def __len__(self) -> int:
         return self.length // self.k if self.drop_last else math.ceil(self.length / self.k)
@@ -210,11 +251,15 @@ class StatefulTBPTT:
             # The window starts backprop - k steps before the new ones, at a chunk boundary
             # whose state is kept, but never before the last full reset.
             first = max(self._first_boundary, index + 1 - self.backprop // self.k)
-            h = self._boundaries[first - index - 1]
+            h = self._chunk_states[first - index - 1]
             x = self.x.narrow(self._time_dim, first * self.k, end - first * self.k)
             target = self.target.narrow(self._time_dim, start, end - start)
+            # The resets of every step of x, the context steps too: a window re-run from an
+            # older state must zero it at the same boundaries as the first run did.
+            resets = (None if self.boundaries is None else
+                      self.boundaries.narrow(self._time_dim, first * self.k, end - first * self.k))
             self._awaiting_carry, self._next_index = True, index + 1
-            yield Chunk(x, target, h, start - first * self.k, self._time_dim)
+            yield Chunk(x, target, h, start - first * self.k, self._time_dim, resets)
         self._awaiting_carry = False
 
     def carry(self, h_n: State) -> None:
@@ -224,7 +269,7 @@ class StatefulTBPTT:
                 raise ValueError(f"StatefulTBPTT.carry: expected a state with the "
                                  f"{self.num_streams} streams at dim -2 (e.g. [layers, B, H]), "
                                  f"but got shape {tuple(t.shape)}")
-        self._boundaries.append(_map_state(Tensor.detach, h_n))
+        self._chunk_states.append(_map_state(Tensor.detach, h_n))
         self._awaiting_carry = False
 
     def reset(self, streams=None) -> None:
@@ -236,8 +281,8 @@ class StatefulTBPTT:
         windows, which would run the reset streams across their reset point.
         """
         if streams is None:
-            self._boundaries.clear()
-            self._boundaries.append(None)
+            self._chunk_states.clear()
+            self._chunk_states.append(None)
             self._first_boundary = self._next_index
             self._awaiting_carry = False
             return
@@ -263,7 +308,7 @@ class StatefulTBPTT:
             t = t.clone()
             t.index_fill_(t.dim() - 2, index.to(t.device) % self.num_streams, 0)
             return t
-        self._boundaries[-1] = _map_state(zero_rows, self.state)
+        self._chunk_states[-1] = _map_state(zero_rows, self.state)
 
 
 class StatelessTBPTT:

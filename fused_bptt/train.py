@@ -7,6 +7,7 @@
     TrainLog       what train_tbptt returns: the list of per-update losses, plus .grad_norms
                    and .clipped.
 """
+import inspect
 import math
 from typing import Callable, List, Optional
 
@@ -33,9 +34,29 @@ class RNNWithHead(nn.Module):
         super().__init__()
         self.rnn, self.head = rnn, head
 
-    def forward(self, x: Tensor, h: State = None):
-        y, h_n = self.rnn(x, h)
+    def forward(self, x: Tensor, h: State = None, resets: Optional[Tensor] = None):
+        if resets is None:       # an rnn without resets (nn.RNN, nn.LSTM) keeps working
+            y, h_n = self.rnn(x, h)
+        else:
+            _require_resets(self.rnn, "RNNWithHead: its rnn")
+            y, h_n = self.rnn(x, h, resets=resets)
         return self.head(y), h_n
+
+
+def _require_resets(model: Callable, who: str) -> None:
+    """A TypeError unless model(x, h, resets=...) is accepted: dropping the resets would run
+    the state across every document boundary, a silently wrong training."""
+    fn = model.forward if isinstance(model, nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call decide
+        return
+    if any(p.name == "resets" or p.kind is p.VAR_KEYWORD for p in params):
+        return
+    raise TypeError(f"{who} ({type(model).__name__}) takes no `resets`, but the chunks carry "
+                    f"resets (StatefulTBPTT(boundaries=...)). Use a model whose forward takes "
+                    f"resets (FusedRNN, or RNNWithHead around one), or build the driver without "
+                    f"boundaries")
 
 
 class TrainLog(list):
@@ -96,10 +117,12 @@ def train_tbptt(model: Callable, driver, loss_fn: Callable[[Tensor, Tensor], Ten
                 on_chunk: Optional[Callable[[int, float], None]] = None) -> TrainLog:
     """One pass over `driver` (StatefulTBPTT or StatelessTBPTT): one optimizer step per chunk.
 
-    For each chunk: pred, h_n = model(chunk.x, chunk.h), loss = loss_fn(chunk.scored(pred),
-    chunk.target) (the newest steps only with StatefulTBPTT(backprop=k2)), backward, the
-    gradient norm of the optimizer's parameters (clipped to `clip_grad_norm` if set),
-    optimizer.step(), driver.carry(h_n). `on_chunk(index, loss)` is called after each step
+    For each chunk: pred, h_n = model(chunk.x, chunk.h) (with resets=chunk.resets when the
+    driver has boundaries; a model that takes no resets is then refused),
+    loss = loss_fn(chunk.scored(pred), chunk.target) (the newest steps only with
+    StatefulTBPTT(backprop=k2)), backward, the gradient norm of the optimizer's parameters
+    (clipped to `clip_grad_norm` if set), optimizer.step(), driver.carry(h_n). `on_chunk(index,
+    loss)` is called after each step
     (progress, logging).
 
     `model` is any callable (x, h) -> (pred, h_n); with `head`, the model is
@@ -127,7 +150,12 @@ def train_tbptt(model: Callable, driver, loss_fn: Callable[[Tensor, Tensor], Ten
     params = [p for group in optimizer.param_groups for p in group["params"]]
     log = TrainLog()
     for index, chunk in enumerate(driver):
-        pred, h_n = _split_output(model(chunk.x, chunk.h), "train_tbptt", f"chunk {index}")
+        if chunk.resets is None:
+            out = model(chunk.x, chunk.h)
+        else:
+            _require_resets(model, "train_tbptt: the model")
+            out = model(chunk.x, chunk.h, resets=chunk.resets)
+        pred, h_n = _split_output(out, "train_tbptt", f"chunk {index}")
         loss = loss_fn(chunk.scored(pred), chunk.target)
         _check_loss(loss, "train_tbptt")
         optimizer.zero_grad(set_to_none=True)
