@@ -13,9 +13,21 @@
 //   unset / "auto": blas when available, otherwise aten; the recurrence picks its own kernel by size.
 //   "aten":  as on a torch without an exported BLAS (aten GEMMs, hand-written recurrence kernel).
 //   "blas":  the recurrence goes through this GEMM at every size too (blas, else aten).
+//
+// Low precision (gemm_lowp): bfloat16 or float16 A and B, float32 C, float32 accumulation.
+//   blas: MKL's gemm_bf16bf16f32_ / gemm_f16f16f32_ from the same library (AVX512-BF16, AMX or
+//         AVX512-FP16 where the CPU has them; MKL picks), found the same way.
+//   aten: at::mm in the low precision (oneDNN where torch has it: float32 accumulation inside,
+//         the product rounded once to the dtype), added to C in float32. ATen has no CPU matmul
+//         from bfloat16 operands to a float32 result, so this path rounds where the BLAS one
+//         does not.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_bptt {
 namespace cpu {
@@ -32,6 +44,16 @@ template <typename scalar_t>
 void gemm(GemmMode mode, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha,
           const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C,
           int64_t ldc);
+
+// True when MKL's low-precision GEMM for S was found and `mode` allows it.
+template <typename S>
+bool blas_lowp_available(GemmMode mode);
+
+// C [M, N] = op(A) @ op(B) + beta * C, A and B in S (bfloat16 or float16), C in float32.
+template <typename S>
+void gemm_lowp(GemmMode mode, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+               const S* A, int64_t lda, const S* B, int64_t ldb, float beta, float* C,
+               int64_t ldc);
 
 }  // namespace cpu
 }  // namespace fused_bptt

@@ -1,0 +1,53 @@
+// rnn_cpu.h: what the float32/float64 (rnn_cpu.cpp) and bfloat16/float16 (rnn_cpu_lowp.cpp)
+// implementations of the CPU ops share: the size thresholds of their paths, the row split, and
+// the low-precision entry points that rnn_cpu.cpp dispatches to. Shapes and math: rnn_cpu.cpp.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "cpu/rnn_step_kernel.h"
+#include "fused_bptt.h"
+
+namespace fused_bptt {
+namespace cpu {
+
+// The hand-written step streams all of W_hh (as the step kernel packs it) from cache every step:
+// it wins while that fits in a core's L2 (2 MiB on the machines measured; 1 MiB and more on
+// current x86 server cores). From there on (float32: H > 512; bf16 pairs: H > 724) a step is one
+// BLAS call, whose blocking and threads do better and whose call overhead no longer matters.
+constexpr int64_t kKernelMaxWeightBytes = 1 << 20;
+// Below this much work a call stays on one thread: starting the others costs microseconds.
+constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
+constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
+
+// Runs fn(r0, r1) on parts of the batch rows [0, B), one per thread, in whole register tiles.
+// Row b of every step depends on row b of the step before alone, so a thread can run all T steps
+// of its rows without waiting for the others: no barrier per step.
+template <typename Fn>
+void parallel_rows(int64_t B, bool worth_threads, const Fn& fn) {
+  const int64_t tiles = (B + kStepRows - 1) / kStepRows;
+  at::parallel_for(0, tiles, worth_threads ? 1 : tiles, [&](int64_t p0, int64_t p1) {
+    fn(p0 * kStepRows, std::min(B, p1 * kStepRows));
+  });
+}
+
+// The ops for S = c10::BFloat16 or c10::Half (rnn_cpu_lowp.cpp). Arguments checked, contiguous
+// (grad_y: dense rows, ld = stride(1)), outputs allocated; grad_h_n may be undefined.
+template <typename S>
+void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                  const at::Tensor& w_hh, const std::optional<at::Tensor>& bias_ih,
+                  const std::optional<at::Tensor>& bias_hh, at::Tensor& y, const RnnShape& s,
+                  bool relu);
+
+template <typename S>
+void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
+                   const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const at::Tensor& y, const RnnShape& s, bool relu, at::Tensor& dx,
+                   at::Tensor& dh0, at::Tensor& dw_ih, at::Tensor& dw_hh, at::Tensor& db);
+
+}  // namespace cpu
+}  // namespace fused_bptt
