@@ -16,6 +16,7 @@
 
 // The intrinsics of every level (declared for any target; each is used only inside its region).
 #include <immintrin.h>
+#include <vector>
 
 namespace fused_bptt {
 namespace cpu {
