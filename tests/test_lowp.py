@@ -3,10 +3,11 @@ same dtype (the criterion: FusedRNN's error <= 1.5x nn.RNN's, for y and every gr
 step-kernel variant and GEMM path; opcheck, determinism, bad dtypes, autocast.
 
 Variants, forced through the environment switches the ops read on every call:
-    FUSED_BPTT_CPU_ISA = avx512 | avx2 | sse2   (bfloat16 at avx512: the AVX512-BF16 dot-product
-                                                 kernel where the CPU has it; every other case
-                                                 widens the operands to float32)
-    FUSED_BPTT_CPU_GEMM = auto | aten | blas     (blas: MKL's bf16/fp16 GEMM at every step too)
+    FUSED_BPTT_CPU_ISA = avx512 | avx2 | sse2   (the step kernel, operands widened to float32)
+    FUSED_BPTT_CPU_GEMM = auto | aten | blas     (auto: MKL's fp16 GEMM, and bf16 with AMX, else
+                                                 float32 GEMMs on widened operands; aten: ATen's
+                                                 low-precision matmul; blas: MKL's bf16/fp16 GEMM,
+                                                 at every step too)
 The errors are measured by bench/accuracy_lowp.py, the script that makes the README's table.
 """
 import importlib.util
@@ -38,24 +39,14 @@ def _load_accuracy_script():
 accuracy = _load_accuracy_script()
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f
-                         if line.startswith("flags")), [])
-    except OSError:
-        return []
-
-
 _CAPABILITY = torch.backends.cpu.get_cpu_capability()
 ISAS = {"AVX512": ["avx512", "avx2", "sse2"], "AVX2": ["avx2", "sse2"]}.get(_CAPABILITY, ["sse2"])
-HAS_AVX512_BF16 = "AVX512" in _CAPABILITY and "avx512_bf16" in _cpu_flags()
 GEMM_MODES = ["auto", "aten", "blas"]
 NAMES = ("y", "dx", "dh0", "dW_ih", "dW_hh", "db")
 # Normwise bounds against float64 for the small shapes: a few roundings to the dtype.
 BOUNDS = {torch.bfloat16: 1.2e-2, torch.float16: 1.5e-3}
-# (T, B, I, H): T = 1 and B = 1, odd H (the dot-product kernel's pairs of k end in a half pair),
-# H around the 16-column vectors and their masked tail, H > 128 (k chunks), I != H.
+# (T, B, I, H): T = 1 and B = 1, H around the vector widths (full tiles, single vectors, scalar
+# tail columns), H > 128 (k chunks), I != H.
 SHAPES = [(1, 1, 1, 1), (1, 3, 5, 17), (4, 1, 3, 65), (6, 5, 17, 3), (3, 6, 65, 17),
           (5, 4, 8, 33), (3, 9, 4, 70), (5, 8, 7, 130)]
 dtype_ids = lambda d: str(d).replace("torch.", "")  # noqa: E731
@@ -171,30 +162,6 @@ def test_error_at_most_1_5x_nn_rnn_on_every_gemm_path(monkeypatch, dtype, mode):
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
 def test_error_at_most_1_5x_nn_rnn_relu(dtype):
     check_criterion(dtype, (64, 16, 128), relu=True)
-
-
-def test_the_isa_switch_reaches_the_bf16_dot_product_kernel(monkeypatch):
-    """At the avx512 level bfloat16 runs the AVX512-BF16 kernel (pairs of k per instruction), at
-    avx2 the widening one: both are accurate (above) but round differently in a few elements."""
-    if not HAS_AVX512_BF16:
-        pytest.skip("this CPU has no AVX512-BF16")
-    inputs = make_layer_inputs(20, 32, 64, 256, torch.bfloat16, seed=5)
-    ys = {}
-    for isa in ("avx512", "avx2"):
-        monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
-        ys[isa] = ops.rnn_forward(*inputs, False)
-    assert not torch.equal(ys["avx512"], ys["avx2"])
-
-
-def test_odd_hidden_size_keeps_rows_apart(monkeypatch):
-    """With an odd H the last pair of k of a row is half a pair: the next row's first element
-    (here an infinity) must not enter it, on any variant."""
-    for isa in ISAS:
-        monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
-        x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(1, 2, 3, 17, torch.bfloat16)
-        h0[1, 0] = float("inf")
-        y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
-        assert torch.isfinite(y[0, 0]).all(), isa
 
 
 # ---- op properties ---------------------------------------------------------------------------

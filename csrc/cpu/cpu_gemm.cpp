@@ -118,9 +118,28 @@ gemm_lowp_fn lowp_blas() {
   return f;
 }
 
+// True when MKL's low-precision GEMM for S was found and `mode` allows it.
 template <typename S>
 bool blas_lowp_available(GemmMode mode) {
   return mode != GemmMode::kAten && lowp_blas<S>() != nullptr;
+}
+
+// Where MKL's low-precision GEMM is faster than widening + sgemm (see cpu_gemm.h): bfloat16 on
+// AMX. (float16's AMX, AMX-FP16, is newer than GCC 12 can name; MKL's float16 GEMM elsewhere runs
+// at the float32 rate at best.)
+template <typename S>
+bool lowp_blas_is_fast() {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    static const bool amx = __builtin_cpu_supports("amx-bf16");
+    return amx;
+  } else {
+    return false;
+  }
+}
+
+template <typename S>
+bool lowp_gemms_in_float32(GemmMode mode) {
+  return mode == GemmMode::kAuto && !(blas_lowp_available<S>(mode) && lowp_blas_is_fast<S>());
 }
 
 template <typename S>
@@ -144,8 +163,8 @@ void gemm_lowp(GemmMode mode, bool trans_a, bool trans_b, int64_t M, int64_t N, 
     lowp_blas<S>()(&ta, &tb, &m, &n, &k, &alpha, B, &ia, A, &ib, &beta, C, &ic);
     return;
   }
-  at::Tensor a = trans_a ? view(A, K, M, lda, true) : view(A, M, K, lda, false);
-  at::Tensor b = trans_b ? view(B, N, K, ldb, true) : view(B, K, N, ldb, false);
+  const at::Tensor a = trans_a ? view(A, K, M, lda, true) : view(A, M, K, lda, false);
+  const at::Tensor b = trans_b ? view(B, N, K, ldb, true) : view(B, K, N, ldb, false);
   at::Tensor c = view(C, M, N, ldc, false);
   const at::Tensor product = at::mm(a, b);
   if (beta == 0) {
@@ -155,8 +174,8 @@ void gemm_lowp(GemmMode mode, bool trans_a, bool trans_b, int64_t M, int64_t N, 
   }
 }
 
-template bool blas_lowp_available<c10::BFloat16>(GemmMode);
-template bool blas_lowp_available<c10::Half>(GemmMode);
+template bool lowp_gemms_in_float32<c10::BFloat16>(GemmMode);
+template bool lowp_gemms_in_float32<c10::Half>(GemmMode);
 template void gemm_lowp<c10::BFloat16>(GemmMode, bool, bool, int64_t, int64_t, int64_t,
                                        const c10::BFloat16*, int64_t, const c10::BFloat16*,
                                        int64_t, float, float*, int64_t);

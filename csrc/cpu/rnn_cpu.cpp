@@ -48,13 +48,6 @@ namespace cpu {
 namespace {
 
 template <typename scalar_t>
-bool use_blas_step(GemmMode mode, int64_t H) {
-  return mode == GemmMode::kBlas ||
-         (mode == GemmMode::kAuto && blas_available(mode) &&
-          H * H * static_cast<int64_t>(sizeof(scalar_t)) > kKernelMaxWeightBytes);
-}
-
-template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                   const at::Tensor& w_hh, const std::vector<scalar_t>& bias, at::Tensor& y,
                   const RnnShape& s, bool relu) {

@@ -9,20 +9,30 @@
 #include <algorithm>
 #include <optional>
 
+#include "cpu/cpu_gemm.h"
 #include "cpu/rnn_step_kernel.h"
 #include "fused_bptt.h"
 
 namespace fused_bptt {
 namespace cpu {
 
-// The hand-written step streams all of W_hh (as the step kernel packs it) from cache every step:
-// it wins while that fits in a core's L2 (2 MiB on the machines measured; 1 MiB and more on
-// current x86 server cores). From there on (float32: H > 512; bf16 pairs: H > 724) a step is one
-// BLAS call, whose blocking and threads do better and whose call overhead no longer matters.
+// The hand-written step streams all of W_hh from cache every step: it wins while W_hh fits in a
+// core's L2 (2 MiB on the machines measured; 1 MiB and more on current x86 server cores). From
+// there on (float32, and the widened weights of bfloat16/float16: H > 512) a step is one BLAS
+// call, whose blocking and threads do better and whose call overhead no longer matters.
 constexpr int64_t kKernelMaxWeightBytes = 1 << 20;
 // Below this much work a call stays on one thread: starting the others costs microseconds.
 constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
 constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
+
+// Whether a step is one BLAS call rather than the hand-written kernel, whose weights are W
+// (float32 for bfloat16/float16 too). FUSED_BPTT_CPU_GEMM=blas takes the BLAS step at every size.
+template <typename W>
+bool use_blas_step(GemmMode mode, int64_t H) {
+  return mode == GemmMode::kBlas ||
+         (mode == GemmMode::kAuto && blas_available(mode) &&
+          H * H * static_cast<int64_t>(sizeof(W)) > kKernelMaxWeightBytes);
+}
 
 // Runs fn(r0, r1) on parts of the batch rows [0, B), one per thread, in whole register tiles.
 // Row b of every step depends on row b of the step before alone, so a thread can run all T steps

@@ -5,19 +5,20 @@
 // [T, B, H]). Where the rounding to S happens, and why:
 // - Forward: the input projection x W_ih^T of all T steps is one GEMM into a float32 [T*B, H]
 //   buffer (freed on return; nothing extra is saved for backward). Each step adds b_ih + b_hh
-//   (summed in float32), h_{t-1} W_hh^T (float32 accumulation) and takes act in float32; y_t is
-//   the one rounding to S per element and step.
-// - The state carried from step to step is y_t, rounded to S, as nn.RNN carries it: the next
-//   step's product reads the same numbers the caller gets, the backward's act'(z_t) = 1 - y_t^2
-//   and h_{t-1} = y_{t-1} are exactly the forward's, and the bf16 dot-product kernel and MKL's bf16
-//   GEMM (both take S operands) serve the recurrence. Keeping a float32 state inside a call would
-//   give errors a little lower than these (bench/accuracy_lowp.py measures both; README) but no
-//   S-operand kernel could run the step.
-// - Backward: dz_t = (grad_y_t + dz_{t+1} W_hh) * act'(y_t) in float32, rounded to S when stored
-//   (dz is the S operand of the weight-gradient GEMMs, as in nn.RNN); grad_h_n is added in float32.
-//   dh0, dW_hh, dW_ih and dx are float32-accumulated GEMMs, rounded once to S; db sums dz in
-//   float64 and rounds once.
-// - GEMMs: cpu_gemm.h's gemm_lowp (MKL's bf16/fp16 GEMM with float32 output, else ATen).
+//   (summed in float32) and h_{t-1} W_hh^T (float32 sums) and takes act in float32; y_t is the
+//   one rounding to S per element and step.
+// - The state carried from step to step is y_t, rounded to S, as nn.RNN carries it: the next step
+//   reads the numbers the caller gets, the backward's act'(z_t) = 1 - y_t^2 and h_{t-1} = y_{t-1}
+//   are exactly the forward's, and an S-operand GEMM (MKL's AMX or AVX512-FP16 code) can run the
+//   step at large H. A float32 state kept inside a call gives about half these errors
+//   (bench/accuracy_lowp.py measures both; README), but no S-operand GEMM could take it, and the
+//   backward would read other h_{t-1} than the y it is given.
+// - Backward: dz_t = (grad_y_t + dz_{t+1} W_hh) * act'(y_t) stays float32 for the whole call (it
+//   is internal: nothing forces a rounding); grad_h_n is added in float32. dh0, dW_hh, dW_ih and
+//   dx are float32-accumulated GEMMs, rounded once to S; db sums dz in float64, rounded once.
+// - GEMMs (cpu_gemm.h): where MKL's S GEMM is the fast one (bfloat16 on AMX) or asked for
+//   (FUSED_BPTT_CPU_GEMM=blas/aten), on S operands, dz rounded to S for them; elsewhere the float32
+//   GEMM on operands widened once per call. The step kernel reads W_hh widened to float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -32,24 +33,57 @@ namespace fused_bptt {
 namespace cpu {
 namespace {
 
-template <typename S>
-bool use_blas_step_lowp(GemmMode mode, const StepKernels<S>& k, int64_t H) {
-  return mode == GemmMode::kBlas || (mode == GemmMode::kAuto && blas_lowp_available<S>(mode) &&
-                                     k.packed_bytes(H, H) > kKernelMaxWeightBytes);
-}
-
-// W_hh (or its transpose) in the layout the step kernel reads, 64-byte aligned.
-template <typename S>
-at::Tensor pack_weights(const StepKernels<S>& k, const at::Tensor& w_hh, bool transposed,
-                        int64_t H) {
-  at::Tensor packed = at::empty({k.packed_bytes(H, H)}, w_hh.options().dtype(at::kByte));
-  k.pack(w_hh.data_ptr<S>(), transposed, H, H, packed.data_ptr());
-  return packed;
+// t (or its transpose) as a dense float32 matrix.
+at::Tensor widened(const at::Tensor& t, bool transposed = false) {
+  return (transposed ? t.t() : t).to(at::kFloat, false, false, at::MemoryFormat::Contiguous);
 }
 
 at::Tensor float_buffer(int64_t rows, int64_t cols, const at::Tensor& like) {
   return at::empty({rows, cols}, like.options().dtype(at::kFloat));
 }
+
+// The GEMMs of one call: each operand is a tensor in S; in float32 mode (lowp_gemms_in_float32)
+// it is widened once, on first use, and gemm<float> runs on the copies; otherwise gemm_lowp runs
+// on the S data. C [M, N] (float32, row stride ldc) = op(A) op(B) + beta C, where A and B are
+// row-major matrices of `a_cols` / `b_cols` columns starting at element offset a_at / b_at.
+template <typename S>
+class Gemms {
+ public:
+  explicit Gemms(GemmMode mode) : mode_(mode), float32_(lowp_gemms_in_float32<S>(mode)) {}
+
+  bool float32() const { return float32_; }
+
+  // A row-major matrix of `cols` columns: a contiguous S tensor (widened on first use in float32
+  // mode), or a float32 one alone (which only float32 mode reads).
+  struct Operand {
+    Operand(const at::Tensor& in_s, int64_t cols) : s(in_s), cols(cols) {}
+    Operand(const at::Tensor& in_s, const at::Tensor& in_f, int64_t cols)
+        : s(in_s), f(in_f), cols(cols) {}
+    const S* data() const { return s.data_ptr<S>(); }
+    const float* wide() {
+      if (!f.defined()) f = widened(s);
+      return f.data_ptr<float>();
+    }
+    at::Tensor s, f;
+    int64_t cols;
+  };
+
+  void operator()(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, Operand& a,
+                  int64_t a_at, Operand& b, int64_t b_at, float beta, float* C, int64_t ldc) {
+    if (float32_) {
+      gemm<float>(mode_, trans_a, trans_b, M, N, K, 1.0f, a.wide() + a_at, a.cols, b.wide() + b_at,
+                  b.cols, beta, C, ldc);
+    } else {
+      gemm_lowp<S>(mode_, trans_a, trans_b, M, N, K, a.data() + a_at, a.cols, b.data() + b_at,
+                   b.cols, beta, C, ldc);
+    }
+  }
+
+
+ private:
+  GemmMode mode_;
+  bool float32_;
+};
 
 }  // namespace
 
@@ -61,6 +95,8 @@ void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   const int64_t T = s.T, B = s.B, H = s.H, BH = s.B * s.H;
   const GemmMode mode = gemm_mode_from_env();
   const StepKernels<S>& k = step_kernels<S>();
+  Gemms<S> gemms(mode);
+  using Operand = typename Gemms<S>::Operand;
   std::vector<float> bias(H, 0.0f);  // b_ih + b_hh once, in float32
   for (const auto* b : {&bias_ih, &bias_hh}) {
     if (!b->has_value()) continue;
@@ -68,19 +104,21 @@ void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
     const S* bp = bc.data_ptr<S>();
     for (int64_t j = 0; j < H; ++j) bias[j] += static_cast<float>(bp[j]);
   }
-  const S* h0p = h0.data_ptr<S>();
   S* yp = y.data_ptr<S>();
-  auto h_prev = [&](int64_t t) { return t == 0 ? h0p : yp + (t - 1) * BH; };
 
   at::Tensor xw = float_buffer(T * B, H, x);  // x W_ih^T over all T*B rows, float32
   float* xwp = xw.data_ptr<float>();
-  gemm_lowp<S>(mode, false, true, T * B, H, s.I, x.data_ptr<S>(), s.I, w_ih.data_ptr<S>(), s.I, 0,
-               xwp, H);
-  if (use_blas_step_lowp(mode, k, H)) {
-    const S* whh = w_hh.data_ptr<S>();
+  {
+    Operand xo(x, s.I), wo(w_ih, s.I);
+    gemms(false, true, T * B, H, s.I, xo, 0, wo, 0, 0, xwp, H);
+  }
+  if (use_blas_step<float>(mode, H)) {
+    // h_{t-1} W_hh^T added into the projection of step t, then the elementwise pass (K = 0).
+    Operand w(w_hh, H);
     for (int64_t t = 0; t < T; ++t) {
       float* xt = xwp + t * BH;
-      gemm_lowp<S>(mode, false, true, B, H, H, h_prev(t), H, whh, H, 1, xt, H);
+      Operand h(t == 0 ? h0 : y[t - 1], H);
+      gemms(false, true, B, H, H, h, 0, w, 0, 1, xt, H);
       parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
         k.forward(nullptr, nullptr, nullptr, bias.data(), xt + r0 * H, yp + t * BH + r0 * H,
                   r1 - r0, 0, H, relu);
@@ -88,14 +126,16 @@ void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
     }
     return;
   }
-  const at::Tensor w = pack_weights(k, w_hh, /*transposed=*/true, H);  // w = W_hh^T
-  const void* wp = w.data_ptr();
+  const at::Tensor w = widened(w_hh, /*transposed=*/true);  // the kernel's w = W_hh^T
+  const float* wp = w.data_ptr<float>();
+  const S* h0p = h0.data_ptr<S>();
   std::vector<float> part(BH);
   parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
     for (int64_t t = 0; t < T; ++t) {
+      const S* h = t == 0 ? h0p : yp + (t - 1) * BH;
       const int64_t o = t * BH + r0 * H;
-      k.forward(h_prev(t) + r0 * H, wp, part.data() + r0 * H, bias.data(), xwp + o, yp + o,
-                r1 - r0, H, H, relu);
+      k.forward(h + r0 * H, wp, part.data() + r0 * H, bias.data(), xwp + o, yp + o, r1 - r0, H,
+                H, relu);
     }
   });
 }
@@ -108,32 +148,36 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, BH = s.B * s.H;
   const GemmMode mode = gemm_mode_from_env();
   const StepKernels<S>& k = step_kernels<S>();
-  at::Tensor dz = at::empty_like(y);
-  S* dzp = dz.data_ptr<S>();
+  Gemms<S> gemms(mode);
+  using Operand = typename Gemms<S>::Operand;
+  at::Tensor dz = float_buffer(T * B, H, y);  // float32 for the whole call
+  float* dzp = dz.data_ptr<float>();
   const S* yp = y.data_ptr<S>();
-  const S* whh = w_hh.data_ptr<S>();
-  // grad_y read in place, rows ld apart (see rnn_cpu.cpp); grad_h_n joins at t = T-1 as a
-  // float32 addend, so grad_y_{T-1} + grad_h_n is never rounded to S.
+  // grad_y read in place, rows ld apart (see rnn_cpu.cpp); grad_h_n joins at t = T-1 as a float32
+  // addend, so grad_y_{T-1} + grad_h_n is never rounded to S.
   const S* gy = grad_y.data_ptr<S>();
   const int64_t gy_t = grad_y.stride(0), gy_ld = grad_y.stride(1);
-  std::vector<float> last;
-  if (grad_h_n.defined()) {
-    const S* gh = grad_h_n.data_ptr<S>();
-    last.assign(BH, 0.0f);
-    for (int64_t i = 0; i < BH; ++i) last[i] = static_cast<float>(gh[i]);
-  }
+  const at::Tensor last = grad_h_n.defined() ? widened(grad_h_n) : at::Tensor();
   auto add_at = [&](int64_t t) -> const float* {
-    return t == T - 1 && !last.empty() ? last.data() : nullptr;
+    return t == T - 1 && last.defined() ? last.data_ptr<float>() : nullptr;
   };
   auto rows = [](const float* p, int64_t offset) { return p == nullptr ? p : p + offset; };
 
-  if (use_blas_step_lowp(mode, k, H)) {
-    std::vector<float> product(BH);  // dz_{t+1} W_hh, float32
+  if (use_blas_step<float>(mode, H)) {
+    const at::Tensor whh_wide = gemms.float32() ? widened(w_hh) : at::Tensor();
+    std::vector<float> product(BH);  // dz_{t+1} W_hh
     for (int64_t t = T - 1; t >= 0; --t) {
       const float* add = add_at(t);
       if (t + 1 < T) {  // (t < T-1: no grad_h_n to add)
-        gemm_lowp<S>(mode, false, false, B, H, H, dzp + (t + 1) * BH, H, whh, H, 0,
-                     product.data(), H);
+        const float* dz_next = dzp + (t + 1) * BH;
+        if (gemms.float32()) {
+          gemm<float>(mode, false, false, B, H, H, 1.0f, dz_next, H, whh_wide.data_ptr<float>(), H,
+                      0.0f, product.data(), H);
+        } else {  // the S operand the low-precision GEMM takes
+          const at::Tensor dz_s = dz.narrow(0, (t + 1) * B, B).to(y.scalar_type());
+          gemm_lowp<S>(mode, false, false, B, H, H, dz_s.data_ptr<S>(), H, w_hh.data_ptr<S>(), H,
+                       0.0f, product.data(), H);
+        }
         add = product.data();
       }
       parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
@@ -142,8 +186,8 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
       });
     }
   } else {
-    const at::Tensor w = pack_weights(k, w_hh, /*transposed=*/false, H);  // w = W_hh
-    const void* wp = w.data_ptr();
+    const at::Tensor w = widened(w_hh);  // the kernel's w = W_hh
+    const float* wp = w.data_ptr<float>();
     std::vector<float> part(BH);
     parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
       for (int64_t t = T - 1; t >= 0; --t) {
@@ -155,27 +199,28 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   }
 
   // The GEMMs over all T*B rows accumulate into float32 buffers, rounded once into the outputs.
+  // dz is their A operand: float32 as it is, or rounded to S for the low-precision GEMMs.
+  Operand dzo = gemms.float32() ? Operand(at::Tensor(), dz, H) : Operand(dz.to(y.scalar_type()), H);
+  Operand whh(w_hh, H), h0o(h0, H), yo(y, H), xo(x, I), wih(w_ih, I);
   at::Tensor f_dh0 = float_buffer(B, H, x), f_dwhh = float_buffer(H, H, x);
   at::Tensor f_dwih = float_buffer(H, I, x), f_dx = float_buffer(T * B, I, x);
   float* dwhh = f_dwhh.data_ptr<float>();
-  gemm_lowp<S>(mode, false, false, B, H, H, dzp, H, whh, H, 0, f_dh0.data_ptr<float>(), H);
-  gemm_lowp<S>(mode, true, false, H, H, B, dzp, H, h0.data_ptr<S>(), H, 0, dwhh, H);
-  gemm_lowp<S>(mode, true, false, H, H, (T - 1) * B, dzp + BH, H, yp, H, 1, dwhh, H);
-  gemm_lowp<S>(mode, true, false, H, I, T * B, dzp, H, x.data_ptr<S>(), I, 0,
-               f_dwih.data_ptr<float>(), I);
-  gemm_lowp<S>(mode, false, false, T * B, I, H, dzp, H, w_ih.data_ptr<S>(), I, 0,
-               f_dx.data_ptr<float>(), I);
+  gemms(false, false, B, H, H, dzo, 0, whh, 0, 0, f_dh0.data_ptr<float>(), H);
+  gemms(true, false, H, H, B, dzo, 0, h0o, 0, 0, dwhh, H);
+  gemms(true, false, H, H, (T - 1) * B, dzo, BH, yo, 0, 1, dwhh, H);
+  gemms(true, false, H, I, T * B, dzo, 0, xo, 0, 0, f_dwih.data_ptr<float>(), I);
+  gemms(false, false, T * B, I, H, dzo, 0, wih, 0, 0, f_dx.data_ptr<float>(), I);
   dh0.copy_(f_dh0);
   dw_hh.copy_(f_dwhh);
   dw_ih.copy_(f_dwih);
   dx.copy_(f_dx.view({T, B, I}));
-  // db: column sums in a fixed row order (threads split columns), accumulated in float64.
+  // db: column sums of dz in a fixed row order (threads split columns), accumulated in float64.
   S* dbp = db.data_ptr<S>();
   at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
     std::vector<double> acc(j1 - j0, 0.0);
     for (int64_t r = 0; r < T * B; ++r) {
-      const S* row = dzp + r * H;
-      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += static_cast<float>(row[j]);
+      const float* row = dzp + r * H;
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += row[j];
     }
     for (int64_t j = j0; j < j1; ++j) dbp[j] = static_cast<S>(static_cast<float>(acc[j - j0]));
   });

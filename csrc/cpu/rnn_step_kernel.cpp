@@ -46,18 +46,6 @@ constexpr int kVecBytes = 16;
 #include "cpu/rnn_step_lowp.inc"
 }  // namespace sse2
 
-// AVX-512 plus its bfloat16 dot product: the bfloat16 kernels of the avx512 level on CPUs that
-// have it (Cooper Lake, Sapphire Rapids, Zen 4 and later).
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma,f16c")
-namespace avx512_bf16 {
-constexpr int kVecBytes = 64;
-#include "cpu/rnn_step_kernel.inc"
-#include "cpu/rnn_step_lowp.inc"
-#include "cpu/rnn_step_bf16dot.inc"
-}  // namespace avx512_bf16
-#pragma GCC pop_options
-
 namespace {
 
 template <typename T>
@@ -77,17 +65,6 @@ bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
-
-bool cpu_has_avx512_bf16() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
-// bfloat16 at the avx512 level: the dot-product kernel where the CPU has it.
-template <>
-const StepKernels<c10::BFloat16> kAvx512<c10::BFloat16> =
-    cpu_has_avx512_bf16() ? avx512_bf16::dot_kernel_table()
-                          : avx512::kernel_table<c10::BFloat16>("avx512");
 
 }  // namespace
 
