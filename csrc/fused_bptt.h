@@ -26,7 +26,8 @@
 //   returns (dx [T,B,I], dh0 [B,H], dW_ih [H,I], dW_hh [H,H], db [H]).
 //
 // Inputs may be non-contiguous: every backend makes them contiguous itself.
-// Supported dtypes: float32 and float64; all tensors share one dtype and one device.
+// Supported dtypes: float32 and float64 on every backend, bfloat16 and float16 on the CPU (float32
+// arithmetic inside: cpu/rnn_cpu_lowp.cpp); all tensors share one dtype and one device.
 #pragma once
 
 #include <ATen/core/Tensor.h>
