@@ -117,6 +117,82 @@ def test_without_bias_and_without_grad_h_n(dtype):
     assert max(errs.values()) <= BOUNDS[dtype], errs
 
 
+def _cpu_has(flag):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def _float32_gemms(dtype):
+    """Whether the default GEMM path runs float32 GEMMs on widened operands (cpu_gemm.h): always
+    for float16, for bfloat16 where MKL's bf16 GEMM has no AMX."""
+    return dtype == torch.float16 or not _cpu_has("amx_bf16")
+
+
+def _exact_grid(shape, g, dtype, step=2.0 ** -6, top=8):
+    """Random multiples of `step` in [-top, top] * step: products and sums of a few of them are
+    exact in float32, so a GEMM over them gives the same bits in any summation order."""
+    return (torch.randint(-top, top + 1, shape, generator=g) * step).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_state_is_rounded_once_per_step(monkeypatch, dtype, isa, relu):
+    """The design, bit for bit: each step computes in float32 and rounds y_t (the carried state)
+    to the dtype once. A T-step call equals T one-step calls of the float32 op, each on the
+    previous y_t rounded to the dtype, with the result rounded the same way torch rounds. (The
+    input projection is made exact, so the two GEMM shapes cannot round differently.)"""
+    if not _float32_gemms(dtype):
+        pytest.skip("MKL's bf16 GEMM (AMX) runs here: its sums round in their own order")
+    monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
+    T, B, I, H = 6, 5, 4, 70
+    g = torch.Generator().manual_seed(7)
+    x, w_ih = _exact_grid((T, B, I), g, dtype), _exact_grid((H, I), g, dtype)
+    _, h0, _, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, dtype, seed=8)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+    f = lambda t: t.float()  # noqa: E731
+    h = h0
+    for t in range(T):
+        h = ops.rnn_forward(f(x[t:t + 1]), f(h), f(w_ih), f(w_hh), f(b_ih), f(b_hh),
+                            relu)[0].to(dtype)
+        assert torch.equal(y[t], h), f"step {t}"
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("isa", ISAS)
+def test_one_step_backward_is_the_float32_one_rounded(monkeypatch, dtype, isa):
+    """With T = 1 the backward is float32 arithmetic on the dtype's numbers, each gradient
+    rounded once: the float32 op's gradients, rounded to the dtype, bit for bit."""
+    if not _float32_gemms(dtype):
+        pytest.skip("MKL's bf16 GEMM (AMX) runs here: its sums round in their own order")
+    monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(1, 6, 9, 37, dtype, seed=9)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    g = torch.Generator().manual_seed(10)
+    gy, ghn = torch.randn(1, 6, 37, generator=g).to(dtype), torch.randn(6, 37, generator=g).to(dtype)
+    got = ops.rnn_backward(gy, x, h0, w_ih, w_hh, y, False, ghn)
+    want = ops.rnn_backward(*[t.float() for t in (gy, x, h0, w_ih, w_hh, y)], False, ghn.float())
+    for name, a, b in zip(NAMES[1:], got, want):
+        assert torch.equal(a, b.to(dtype)), name
+
+
+def test_saturation_and_nan(monkeypatch):
+    """tanh of large pre-activations is exactly +-1 and relu passes a NaN on, in every dtype and
+    on every instruction set (the rounding keeps both)."""
+    for isa in ISAS:
+        monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
+        for dtype in LOW_PRECISION_DTYPES:
+            x = torch.tensor([[[40.0]], [[-40.0]]], dtype=dtype)
+            h0, w = torch.zeros(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype)
+            y = ops.rnn_forward(x, h0, w, torch.zeros(1, 1, dtype=dtype), None, None, False)
+            assert y.flatten().tolist() == [1.0, -1.0], (isa, dtype)
+            nan = torch.full((1, 1, 1), float("nan"), dtype=dtype)
+            assert torch.isnan(ops.rnn_forward(nan, h0, w, w, None, None, True)).all(), (isa, dtype)
+
+
 # ---- the criterion of the issue: FusedRNN's error <= 1.5x nn.RNN's, against float64 ---------
 
 _PROBLEMS = {}
