@@ -309,6 +309,65 @@ def print_summary(rows, targets, quick, mem, gemm_rate, load_before, path, dtype
         f.write(text.lstrip("\n") + "\n")
 
 
+# Boundaries inside a batch (issue 9): (T, B, H) and must / aim ratios, fwd+bwd.
+VARLEN_RESETS = ((128, 64, 256), 5.0, 8.0)     # FusedRNN(resets) vs the per-step nn.RNN loop
+VARLEN_PACKED = ((64, 32, 256), 1.4, None)     # FusedRNN vs nn.RNN on one PackedSequence
+
+
+def run_varlen(quick, budget_s):
+    """Side by side, fwd+bwd, float32: FusedRNN with ~1% resets against the per-step loop users
+    write today (zero the state, one nn.RNN call per step), and FusedRNN against nn.RNN on the
+    same PackedSequence (lengths uniform in [T/4, T]). Returns the summary lines."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    lines = []
+    g = torch.Generator().manual_seed(0)
+    (T, B, H), must, aim = VARLEN_RESETS
+    if quick:
+        T, B, H = 8, 4, 16
+    nn_rnn = torch.nn.RNN(H, H)
+    fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend="cpp")
+    x = torch.randn(T, B, H, generator=g, requires_grad=True)
+    resets = torch.rand(T, B, generator=g) < 0.01
+    keep = (~resets).unsqueeze(-1).float()
+
+    def loop():
+        h, ys = torch.zeros(1, B, H), []
+        for t in range(T):
+            y, h = nn_rnn(x[t:t + 1], h * keep[t])
+            ys.append(y)
+        (torch.cat(ys).sum() + h.sum()).backward()
+
+    def fused_resets():
+        y, h = fused(x, resets=resets)
+        (y.sum() + h.sum()).backward()
+
+    ms = time_interleaved({"fused": fused_resets, "loop": loop}, budget_s)
+    lines.append(f"resets  T/B/H={T}/{B}/{H} ~1% resets, fwd+bwd: FusedRNN {ms['fused']*1e3:.1f} ms,"
+                 f" per-step nn.RNN loop {ms['loop']*1e3:.1f} ms, ratio "
+                 f"{ms['loop'] / ms['fused']:.2f}x (must {must}x, aim {aim}x)")
+    (T, B, H), must, _ = VARLEN_PACKED
+    if quick:
+        T, B, H = 8, 4, 16
+    nn_rnn = torch.nn.RNN(H, H)
+    fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend="cpp")
+    lengths = torch.randint(max(1, T // 4), T + 1, (B,), generator=g)
+    xp = torch.randn(T, B, H, generator=g, requires_grad=True)
+
+    def packed_call(model):
+        def f():
+            out, h = model(pack_padded_sequence(xp, lengths, enforce_sorted=False))
+            (out.data.sum() + h.sum()).backward()
+        return f
+
+    ms = time_interleaved({"fused": packed_call(fused), "nn": packed_call(nn_rnn)}, budget_s)
+    lines.append(f"packed  T/B/H={T}/{B}/{H} lengths in [{T // 4}, {T}], fwd+bwd: FusedRNN "
+                 f"{ms['fused']*1e3:.1f} ms, nn.RNN {ms['nn']*1e3:.1f} ms, ratio "
+                 f"{ms['nn'] / ms['fused']:.2f}x (must {must}x)")
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run, a few seconds")
@@ -316,11 +375,16 @@ def main(argv=None):
                    help="dtype of every tensor (default float32)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                      "results"))
+    p.add_argument("--varlen-only", action="store_true",
+                   help="only the resets / PackedSequence rows (run_varlen)")
     args = p.parse_args(argv)
     if "cpp" not in fused_bptt.available_backends():
         sys.exit("fused_bptt: the compiled CPU ops are not built; build them first "
                  "(pip install --no-build-isolation .)")
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.varlen_only:
+        run_varlen(args.quick, 0.02 if args.quick else 2.0)
+        return
     dtype = DTYPES[args.dtype]
     suffix = "" if dtype == torch.float32 else f"_{args.dtype}"  # float32 keeps its file names
     load_before = os.getloadavg()[0]
@@ -354,6 +418,11 @@ def main(argv=None):
     print(f"wrote {csv_path} " + " ".join(plots))
     print_summary(rows, targets, args.quick, mem, gemm_rate, load_before,
                   os.path.join(args.out_dir, f"cpu_summary{suffix}.txt"), dtype, lowp_rate)
+    if dtype != torch.float32:  # (the boundary rows compare float32 workarounds)
+        return
+    varlen = run_varlen(args.quick, 0.02 if args.quick else 2.0)
+    with open(os.path.join(args.out_dir, "cpu_summary.txt"), "a") as f:
+        f.write("\nBoundaries (FusedRNN vs what users run today):\n" + "\n".join(varlen) + "\n")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,33 @@ RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const a
   return s;
 }
 
+void check_boundaries(const at::Tensor& x, const std::optional<at::Tensor>& resets,
+                      const std::optional<at::Tensor>& lengths) {
+  const int64_t T = x.size(0), B = x.size(1);
+  if (resets.has_value()) {
+    const at::Tensor& r = *resets;
+    TORCH_CHECK(r.scalar_type() == at::kBool, "fused_bptt: resets must be a bool tensor [T, B] ",
+                "(true where the state entering step t of row b is zero), but got dtype ",
+                r.scalar_type());
+    check_sizes(r, "resets", {T, B});
+    TORCH_CHECK(r.device() == x.device(), "fused_bptt: resets must be on ", x.device(),
+                " (the device of x), but is on ", r.device());
+  }
+  if (lengths.has_value()) {
+    const at::Tensor& l = *lengths;
+    TORCH_CHECK(l.scalar_type() == at::kLong, "fused_bptt: lengths must be an int64 tensor [B] ",
+                "(the number of valid steps of each row), but got dtype ", l.scalar_type());
+    check_sizes(l, "lengths", {B});
+    TORCH_CHECK(l.device() == x.device(), "fused_bptt: lengths must be on ", x.device(),
+                " (the device of x), but is on ", l.device());
+    if (B > 0) {
+      const int64_t lo = l.min().item<int64_t>(), hi = l.max().item<int64_t>();
+      TORCH_CHECK(lo >= 1 && hi <= T, "fused_bptt: lengths must lie in 1..T = 1..", T,
+                  ", but got values from ", lo, " to ", hi);
+    }
+  }
+}
+
 RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                                const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                                const at::Tensor& y, const std::optional<at::Tensor>& grad_h_n) {

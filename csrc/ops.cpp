@@ -12,12 +12,13 @@ TORCH_LIBRARY(fused_bptt, m) {
   // One layer with its autograd in C++ (autograd.cpp): the eager training path.
   m.def(
       "rnn_layer(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-      "Tensor? bias_hh, bool relu) -> (Tensor, Tensor)");
+      "Tensor? bias_hh, bool relu, Tensor? resets=None, Tensor? lengths=None) -> (Tensor, Tensor)");
   // The 6 input gradients of rnn_layer built from differentiable ops (the entries of absent biases
   // are empty): implemented in Python (fused_bptt/function.py), for double backward.
   m.def(
       "rnn_layer_grads(Tensor? grad_y, Tensor? grad_h_n, Tensor x, Tensor h0, Tensor weight_ih, "
-      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool relu) -> Tensor[]");
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool relu, Tensor? resets=None, "
+      "Tensor? lengths=None) -> Tensor[]");
 }
 
 // `import fused_bptt._C` loads this shared library, which runs the registrations above.

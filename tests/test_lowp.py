@@ -52,17 +52,20 @@ SHAPES = [(1, 1, 1, 1), (1, 3, 5, 17), (4, 1, 3, 65), (6, 5, 17, 3), (3, 6, 65, 
 dtype_ids = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
 
-def relative_errors(got, want):
+def max_relative_error(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def norm_relative_error(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)).item()
+
+
+def relative_errors(got, want, names=NAMES):
     """y: max-abs relative to max |y|; gradients: relative 2-norm (as bench/accuracy_lowp.py)."""
-    out = {}
-    for name, a, b in zip(NAMES, got, want):
-        a, b = a.double(), b.double()
-        if name == "y":
-            out[name] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-        else:
-            out[name] = (torch.linalg.vector_norm(a - b)
-                         / torch.linalg.vector_norm(b).clamp_min(1e-30)).item()
-    return out
+    return {name: (max_relative_error if name == "y" else norm_relative_error)(a, b)
+            for name, a, b in zip(names, got, want)}
 
 
 def run_ops(inputs, relu, with_grad_h_n=True, seed=1):
@@ -238,6 +241,31 @@ def test_error_at_most_1_5x_nn_rnn_on_every_gemm_path(monkeypatch, dtype, mode):
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
 def test_error_at_most_1_5x_nn_rnn_relu(dtype):
     check_criterion(dtype, (64, 16, 128), relu=True)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("isa,mode", PATHS, ids=lambda v: v)
+@pytest.mark.parametrize("shape", [(6, 9, 3, 7), (5, 11, 5, 133)], ids=str)
+def test_resets_and_lengths(monkeypatch, dtype, isa, mode, shape):
+    """Sequence boundaries on every path, against the float64 per-step loop of test_varlen.py:
+    normwise within the dtype's bound; padded steps exactly zero, h_n each row's last state."""
+    from test_varlen import grads_of, loop_layer, random_bounds
+    monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
+    T, B, I, H = shape
+    args = [t.requires_grad_() for t in make_layer_inputs(T, B, I, H, dtype, seed=B)]
+    resets, lengths = random_bounds(T, B, seed=T, p=0.2)
+    y, h_n = fused_bptt.rnn_tanh(*args, resets=resets, lengths=lengths, backend="cpp")
+    ref_in = [t.detach().double().requires_grad_() for t in args]
+    y_ref, h_ref = loop_layer(*ref_in, False, resets, lengths)
+    padded = torch.arange(T)[:, None] >= lengths[None, :]
+    assert (y[padded] == 0).all()
+    assert torch.equal(h_n, y[lengths - 1, torch.arange(B)])
+    names = ("y", "dx", "dh0", "dW_ih", "dW_hh", "db_ih", "db_hh")
+    errs = relative_errors([y, *grads_of((y, h_n), args)],
+                           [y_ref, *grads_of((y_ref.to(dtype), h_ref.to(dtype)), ref_in)], names)
+    bad = {k: v for k, v in errs.items() if not v <= BOUNDS[dtype]}
+    assert not bad, f"errors above {BOUNDS[dtype]:.1e}: {bad}"
 
 
 # ---- op properties ---------------------------------------------------------------------------

@@ -136,13 +136,6 @@ def test_validation_matches_nn_rnn():
         assert str(got.value) == str(expected.value)
 
 
-def test_packed_sequence_raises_clearly():
-    fused = FusedRNN(3, 4)
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        fused(packed)
-
-
 def test_constructor_errors():
     with pytest.raises(ValueError, match="backend must be one of .* but got 'fast'"):
         FusedRNN(3, 4, backend="fast")

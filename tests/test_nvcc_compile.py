@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.slow,
 
 def nvcc_command(source, out):
     includes = [a for p in cpp_extension.include_paths() for a in ("-isystem", p)]
-    return [NVCC, "-c", source, "-o", out, "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+    return [NVCC, "-c", source, "-o", out, "-std=c++20", "-O3", "--expt-relaxed-constexpr",
             *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS], "-Xptxas", "-v",
             "-Werror", "all-warnings", "-Xcompiler", "-fPIC",
             "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_EXTENSION_NAME=_C",

@@ -1,6 +1,7 @@
 // rnn_cpu.h: what the float32/float64 (rnn_cpu.cpp) and bfloat16/float16 (rnn_cpu_lowp.cpp)
-// implementations of the CPU ops share: the size thresholds of their paths, the row split, and
-// the low-precision entry points that rnn_cpu.cpp dispatches to. Shapes and math: rnn_cpu.cpp.
+// implementations of the CPU ops share: the size thresholds of their paths, the row split, the
+// sequence boundaries (resets, lengths), and the low-precision entry points that rnn_cpu.cpp
+// dispatches to. Shapes and math: rnn_cpu.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "cpu/cpu_gemm.h"
 #include "cpu/rnn_step_kernel.h"
@@ -45,19 +47,60 @@ void parallel_rows(int64_t B, bool worth_threads, const Fn& fn) {
   });
 }
 
+// What step t does with row b.
+enum class RowKind { kCarry, kFresh, kLast, kPadded };
+
+// resets and lengths as plain arrays; without them every row is T long and never reset.
+struct Bounds {
+  int64_t T, B;
+  const bool* reset = nullptr;  // [T, B]
+  std::vector<int64_t> len;     // [B]
+
+  Bounds(const RnnShape& s, const at::Tensor& resets, const at::Tensor& lengths)
+      : T(s.T), B(s.B), len(s.B, s.T) {
+    if (resets.defined()) reset = resets.data_ptr<bool>();
+    if (lengths.defined()) std::copy_n(lengths.data_ptr<int64_t>(), B, len.begin());
+  }
+  bool reset_at(int64_t t, int64_t b) const { return reset != nullptr && reset[t * B + b]; }
+  // Forward: does step t of row b read h_{t-1}?
+  RowKind forward_kind(int64_t t, int64_t b) const {
+    if (t >= len[b]) return RowKind::kPadded;
+    return reset_at(t, b) ? RowKind::kFresh : RowKind::kCarry;
+  }
+  // Backward: does dz_t of row b receive dz_{t+1} W_hh, and is grad_h_n added here?
+  RowKind backward_kind(int64_t t, int64_t b) const {
+    if (t >= len[b]) return RowKind::kPadded;
+    if (t == len[b] - 1) return RowKind::kLast;
+    return reset_at(t + 1, b) ? RowKind::kFresh : RowKind::kCarry;
+  }
+};
+
+// Calls fn(kind, a, e) for each maximal run [a, e) of rows of [r0, r1) with the same kind_of(b).
+template <typename KindOf, typename Fn>
+void for_each_run(int64_t r0, int64_t r1, const KindOf& kind_of, const Fn& fn) {
+  while (r0 < r1) {
+    const RowKind kind = kind_of(r0);
+    int64_t e = r0 + 1;
+    while (e < r1 && kind_of(e) == kind) ++e;
+    fn(kind, r0, e);
+    r0 = e;
+  }
+}
+
 // The ops for S = c10::BFloat16 or c10::Half (rnn_cpu_lowp.cpp). Arguments checked, contiguous
 // (grad_y: dense rows, ld = stride(1)), outputs allocated; grad_h_n may be undefined.
 template <typename S>
 void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                   const at::Tensor& w_hh, const std::optional<at::Tensor>& bias_ih,
                   const std::optional<at::Tensor>& bias_hh, at::Tensor& y, const RnnShape& s,
-                  bool relu);
+                  bool relu, const Bounds& bounds);
 
 template <typename S>
 void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
                    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                   const at::Tensor& y, const RnnShape& s, bool relu, at::Tensor& dx,
-                   at::Tensor& dh0, at::Tensor& dw_ih, at::Tensor& dw_hh, at::Tensor& db);
+                   const at::Tensor& y, const RnnShape& s, bool relu, const Bounds& bounds,
+                   at::Tensor& dx, at::Tensor& dh0, at::Tensor& dw_ih, at::Tensor& dw_hh,
+                   at::Tensor& db);
 
 }  // namespace cpu
 }  // namespace fused_bptt
