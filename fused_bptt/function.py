@@ -21,8 +21,23 @@ from .reference import last_state
 
 BACKENDS = ("cuda", "cpp", "reference")
 BACKEND_CHOICES = ("auto",) + BACKENDS
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+# The dtypes each compiled backend's kernels take (bfloat16/float16: CPU only for now).
+_KERNEL_DTYPES = {"cpp": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                  "cuda": (torch.float32, torch.float64)}
 _DEVICE_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu"}
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _check_runnable_dtype(x: Tensor) -> None:
+    """Integer, boolean and float8 tensors: no kernel takes them and the reference has no
+    arithmetic for them, so say which dtypes run instead of failing deep inside an op."""
+    if not (x.is_floating_point() or x.is_complex()) or x.element_size() < 2:
+        raise TypeError(f"fused_bptt: x has dtype {x.dtype}, which no backend runs; the kernels "
+                        f"take {_dtype_names(_KERNEL_DTYPES['cpp'])} (cpp) and "
+                        f"{_dtype_names(_KERNEL_DTYPES['cuda'])} (cuda); convert the input")
 
 
 def _find_backends() -> Tuple[str, ...]:
@@ -54,6 +69,7 @@ def check_backend_name(backend, who: str = "fused_bptt") -> None:
 def resolve_backend(backend: str, x: Tensor) -> str:
     """The backend that will run `x`; raises ValueError/RuntimeError for one that cannot."""
     check_backend_name(backend)
+    _check_runnable_dtype(x)
     if backend == "reference":
         return backend
     if not _ops.loaded():
@@ -66,7 +82,7 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     available = available_backends()
     if backend == "auto":
         for name in available[:-1]:
-            if x.device.type == _DEVICE_OF_BACKEND[name] and x.dtype in _KERNEL_DTYPES:
+            if x.device.type == _DEVICE_OF_BACKEND[name] and x.dtype in _KERNEL_DTYPES[name]:
                 return name
         return "reference"
     if backend not in available:
@@ -76,8 +92,9 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     if x.device.type != wanted:
         raise ValueError(f"fused_bptt: backend {backend!r} runs {wanted} tensors, but x is on "
                          f"{x.device}")
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"fused_bptt: backend {backend!r} supports float32 and float64, but x is "
+    if x.dtype not in _KERNEL_DTYPES[backend]:
+        raise TypeError(f"fused_bptt: backend {backend!r} supports "
+                        f"{_dtype_names(_KERNEL_DTYPES[backend])}, but x is "
                         f"{x.dtype}; use backend='reference' or convert the input")
     return backend
 

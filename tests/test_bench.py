@@ -73,3 +73,14 @@ def test_memory_bench_quick_run(tmp_path):
     assert timing and all(r["plain_s"] > 0 and r["checkpointed_s"] > 0 for r in timing)
     assert "peak resident set size" in (tmp_path / "memory.txt").read_text()
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+def test_cpu_bench_quick_run_bfloat16(tmp_path):
+    """--dtype bfloat16 writes files of its own, with FusedRNN in float32 timed beside it."""
+    load_script("bench_cpu").main(["--quick", "--dtype", "bfloat16", "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "cpu_bench.csv").exists()
+    rows = list(csv.DictReader((tmp_path / "cpu_bench_bfloat16.csv").open()))
+    assert {r["impl"] for r in rows} >= {"cpp", "nn", "cpp_float32"}, rows[:2]
+    assert {r["dtype"] for r in rows} == {"bfloat16"}
+    summary = (tmp_path / "cpu_summary_bfloat16.txt").read_text()
+    assert "FusedRNN float32 time / bfloat16 time" in summary

@@ -22,8 +22,10 @@ def test_auto_picks_the_compiled_backend_for_cpu_float():
     x = torch.zeros(2, 1, 1)
     assert resolve_backend("auto", x) == "cpp"
     assert resolve_backend("auto", x.double()) == "cpp"
-    # Kernels are float32/float64 only: other dtypes fall back to the reference, not to an error.
-    assert resolve_backend("auto", x.bfloat16()) == "reference"
+    # The CPU kernels take bfloat16 and float16 too; dtypes no kernel takes go to the reference.
+    assert resolve_backend("auto", x.bfloat16()) == "cpp"
+    assert resolve_backend("auto", x.half()) == "cpp"
+    assert resolve_backend("auto", x.to(torch.complex64)) == "reference"
 
 
 def test_backend_errors():
@@ -33,8 +35,10 @@ def test_backend_errors():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available here"):
             fused_bptt.rnn_tanh(x, h0, w_ih, w_hh, backend="cuda")
-    with pytest.raises(TypeError, match="supports float32 and float64, but x is torch.float16"):
-        fused_bptt.rnn_tanh(x.half(), h0.half(), w_ih.half(), w_hh.half(), backend="cpp")
+    with pytest.raises(TypeError, match="supports float32, float64, bfloat16, float16, but x is "
+                                        "torch.complex64"):
+        c = [t.to(torch.complex64) for t in (x, h0, w_ih, w_hh)]
+        fused_bptt.rnn_tanh(*c, backend="cpp")
 
 
 def test_functional_argument_errors():

@@ -189,7 +189,7 @@ def test_ops_reject_bad_input(backend):
         ((x, h0, w_ih[:, :2], w_hh, b_ih, b_hh), r"weight_ih must have shape \[5, 3\]"),
         ((x, h0, w_ih, w_hh, b_ih[:4], b_hh), r"bias_ih must have shape \[5\]"),
         ((x, h0.float(), w_ih, w_hh, b_ih, b_hh), "h0 must have dtype Double"),
-        ((x.int(), h0, w_ih, w_hh, b_ih, b_hh), "x must be float32 or float64"),
+        ((x.int(), h0, w_ih, w_hh, b_ih, b_hh), "x must be float32, float64, bfloat16 or float16"),
         ((x[:0], h0, w_ih, w_hh, b_ih, b_hh), "at least one time step"),
     ]
     for args, message in cases:

@@ -33,6 +33,9 @@
 //   split rows (and db's columns), never a reduction, so results are the same bits run after run
 //   and, in the recurrence, for any thread count (the BLAS GEMMs may round differently across
 //   thread counts).
+// - bfloat16 and float16 run the same structure in rnn_cpu_lowp.cpp (float32 arithmetic inside).
+#include "cpu/rnn_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -49,73 +52,6 @@
 namespace fused_bptt {
 namespace cpu {
 namespace {
-
-// The hand-written step streams all of W_hh from cache every step: it wins while W_hh fits in a
-// core's L2 (2 MiB on the machines measured; 1 MiB and more on current x86 server cores). From
-// there on (float32: H > 512) a step is one BLAS call, whose blocking and threads do better and
-// whose call overhead no longer matters.
-constexpr int64_t kKernelMaxWeightBytes = 1 << 20;
-// Below this much work a call stays on one thread: starting the others costs microseconds.
-constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
-constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
-
-// Runs fn(r0, r1) on parts of the batch rows [0, B), one per thread, in whole register tiles.
-// Row b of every step depends on row b of the step before alone, so a thread can run all T steps
-// of its rows without waiting for the others: no barrier per step.
-template <typename Fn>
-void parallel_rows(int64_t B, bool worth_threads, const Fn& fn) {
-  const int64_t tiles = (B + kStepRows - 1) / kStepRows;
-  at::parallel_for(0, tiles, worth_threads ? 1 : tiles, [&](int64_t p0, int64_t p1) {
-    fn(p0 * kStepRows, std::min(B, p1 * kStepRows));
-  });
-}
-
-// What step t does with row b.
-enum class RowKind { kCarry, kFresh, kLast, kPadded };
-
-// resets and lengths as plain arrays; without them every row is T long and never reset.
-struct Bounds {
-  int64_t T, B;
-  const bool* reset = nullptr;  // [T, B]
-  std::vector<int64_t> len;     // [B]
-
-  Bounds(const RnnShape& s, const at::Tensor& resets, const at::Tensor& lengths)
-      : T(s.T), B(s.B), len(s.B, s.T) {
-    if (resets.defined()) reset = resets.data_ptr<bool>();
-    if (lengths.defined()) std::copy_n(lengths.data_ptr<int64_t>(), B, len.begin());
-  }
-  bool reset_at(int64_t t, int64_t b) const { return reset != nullptr && reset[t * B + b]; }
-  // Forward: does step t of row b read h_{t-1}?
-  RowKind forward_kind(int64_t t, int64_t b) const {
-    if (t >= len[b]) return RowKind::kPadded;
-    return reset_at(t, b) ? RowKind::kFresh : RowKind::kCarry;
-  }
-  // Backward: does dz_t of row b receive dz_{t+1} W_hh, and is grad_h_n added here?
-  RowKind backward_kind(int64_t t, int64_t b) const {
-    if (t >= len[b]) return RowKind::kPadded;
-    if (t == len[b] - 1) return RowKind::kLast;
-    return reset_at(t + 1, b) ? RowKind::kFresh : RowKind::kCarry;
-  }
-};
-
-// Calls fn(kind, a, e) for each maximal run [a, e) of rows of [r0, r1) with the same kind_of(b).
-template <typename KindOf, typename Fn>
-void for_each_run(int64_t r0, int64_t r1, const KindOf& kind_of, const Fn& fn) {
-  while (r0 < r1) {
-    const RowKind kind = kind_of(r0);
-    int64_t e = r0 + 1;
-    while (e < r1 && kind_of(e) == kind) ++e;
-    fn(kind, r0, e);
-    r0 = e;
-  }
-}
-
-template <typename scalar_t>
-bool use_blas_step(GemmMode mode, int64_t H) {
-  return mode == GemmMode::kBlas ||
-         (mode == GemmMode::kAuto && blas_available(mode) &&
-          H * H * static_cast<int64_t>(sizeof(scalar_t)) > kKernelMaxWeightBytes);
-}
 
 template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
@@ -292,6 +228,13 @@ at::Tensor rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::
   const at::Tensor l = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   const Bounds bounds(s, r, l);
   at::Tensor y = at::empty({s.T, s.B, s.H}, x.options());
+  if (at::isReducedFloatingType(x.scalar_type())) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_forward_cpu", [&] {
+      forward_lowp<scalar_t>(x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
+                             weight_hh.contiguous(), bias_ih, bias_hh, y, s, relu, bounds);
+    });
+    return y;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_forward_cpu", [&] {
     // b_ih + b_hh once, so the step adds one bias vector.
     std::vector<scalar_t> bias(s.H, scalar_t(0));
@@ -323,15 +266,23 @@ RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   at::Tensor dw_ih = at::empty_like(weight_ih, at::MemoryFormat::Contiguous);
   at::Tensor dw_hh = at::empty_like(weight_hh, at::MemoryFormat::Contiguous);
   at::Tensor db = at::empty({s.H}, x.options());
+  // grad_y is read in place when its last dimension is dense (a transposed batch_first gradient
+  // is); otherwise (an expanded gradient such as that of y.sum()) it is made dense.
+  const bool dense_rows = grad_y.stride(2) == 1 || s.H == 1;
+  const at::Tensor gy = dense_rows ? grad_y : grad_y.contiguous();
+  const at::Tensor ghn = grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor();
+  if (at::isReducedFloatingType(x.scalar_type())) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
+      backward_lowp<scalar_t>(gy, ghn, x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
+                              weight_hh.contiguous(), y.contiguous(), s, relu, bounds, dx, dh0,
+                              dw_ih, dw_hh, db);
+    });
+    return {dx, dh0, dw_ih, dw_hh, db};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
-    // grad_y is read in place when its last dimension is dense (a transposed batch_first
-    // gradient is); otherwise (an expanded gradient such as that of y.sum()) it is made dense.
-    const bool dense_rows = grad_y.stride(2) == 1 || s.H == 1;
-    backward_impl<scalar_t>(dense_rows ? grad_y : grad_y.contiguous(),
-                            grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor(),
-                            x.contiguous(), h0.contiguous(),
-                            weight_ih.contiguous(), weight_hh.contiguous(), y.contiguous(), s,
-                            relu, bounds, dx, dh0, dw_ih, dw_hh, db);
+    backward_impl<scalar_t>(gy, ghn, x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
+                            weight_hh.contiguous(), y.contiguous(), s, relu, bounds, dx, dh0,
+                            dw_ih, dw_hh, db);
   });
   return {dx, dh0, dw_ih, dw_hh, db};
 }

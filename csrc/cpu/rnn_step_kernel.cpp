@@ -11,39 +11,49 @@
 
 // Vectors wider than the baseline ISA passed between inlined helpers: no ABI is crossed.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's F16C intrinsics start from a self-initialized "undefined" vector, which it then reports.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// The intrinsics of every level (declared for any target; each is used only inside its region).
+#include <immintrin.h>
+#include <vector>
 
 namespace fused_bptt {
 namespace cpu {
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")
 namespace avx512 {
 constexpr int kVecBytes = 64;
 #include "cpu/rnn_step_kernel.inc"
+#include "cpu/rnn_step_lowp.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
+// F16C (float16 <-> float32) came before AVX2 on every x86 CPU that has AVX2.
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 constexpr int kVecBytes = 32;
 #include "cpu/rnn_step_kernel.inc"
+#include "cpu/rnn_step_lowp.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
 namespace sse2 {
 constexpr int kVecBytes = 16;
 #include "cpu/rnn_step_kernel.inc"
+#include "cpu/rnn_step_lowp.inc"
 }  // namespace sse2
 
 namespace {
 
 template <typename T>
-const StepKernels<T> kAvx512{avx512::forward_step<T>, avx512::backward_step<T>, "avx512"};
+const StepKernels<T> kAvx512 = avx512::kernel_table<T>("avx512");
 template <typename T>
-const StepKernels<T> kAvx2{avx2::forward_step<T>, avx2::backward_step<T>, "avx2"};
+const StepKernels<T> kAvx2 = avx2::kernel_table<T>("avx2");
 template <typename T>
-const StepKernels<T> kSse2{sse2::forward_step<T>, sse2::backward_step<T>, "sse2"};
+const StepKernels<T> kSse2 = sse2::kernel_table<T>("sse2");
 
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -76,6 +86,8 @@ const StepKernels<T>& step_kernels() {
 
 template const StepKernels<float>& step_kernels<float>();
 template const StepKernels<double>& step_kernels<double>();
+template const StepKernels<c10::BFloat16>& step_kernels<c10::BFloat16>();
+template const StepKernels<c10::Half>& step_kernels<c10::Half>();
 
 }  // namespace cpu
 }  // namespace fused_bptt
