@@ -111,11 +111,14 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
                    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    const at::Tensor& y, const RnnShape& s, bool relu, const Bounds& bounds,
                    at::Tensor& dx, at::Tensor& dh0, at::Tensor& dw_ih, at::Tensor& dw_hh,
-                   at::Tensor& db) {
+                   at::Tensor& db, bool grad_y_is_ours) {
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, BH = s.B * s.H;
   const GemmMode mode = gemm_mode_from_env();
   const StepKernels<scalar_t>& k = step_kernels<scalar_t>();
-  at::Tensor dz = at::empty_like(y);
+  // dz overwrites grad_y when grad_y is a dense copy of our own: each element of dz_t is written
+  // where grad_y_t's was just read, and nothing reads grad_y_t after that (the grad_h_n sum
+  // below reads it first). One [T, B, H] buffer fewer.
+  at::Tensor dz = grad_y_is_ours ? grad_y : at::empty_like(y);
   scalar_t* dzp = dz.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* whh = w_hh.data_ptr<scalar_t>();
@@ -153,7 +156,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
         if (kind == RowKind::kPadded) {
           zero_rows(dzt + b * H, 1);
         } else {
-          std::memcpy(dzt + b * H, grad_at(kind, t, b), sizeof(scalar_t) * H);
+          const scalar_t* g = grad_at(kind, t, b);
+          if (g != dzt + b * H) std::memcpy(dzt + b * H, g, sizeof(scalar_t) * H);
         }
       }
       for_each_run(0, B, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
@@ -282,7 +286,7 @@ RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
     backward_impl<scalar_t>(gy, ghn, x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
                             weight_hh.contiguous(), y.contiguous(), s, relu, bounds, dx, dh0,
-                            dw_ih, dw_hh, db);
+                            dw_ih, dw_hh, db, /*grad_y_is_ours=*/!dense_rows);
   });
   return {dx, dh0, dw_ih, dw_hh, db};
 }
