@@ -17,6 +17,7 @@ and each is compared with the reference:
     gradients: ||g - g_ref||_2 / ||g_ref||_2  for x, h0, W_ih, W_hh, b_ih, b_hh.
 tests/test_lowp.py asserts with these same functions that fused <= 1.5x nn for every quantity.
 """
+
 import argparse
 import os
 
@@ -57,23 +58,44 @@ def run_impl(impl, rnn, x, h0, gy, ghn, relu=False):
     dtype = x.dtype
     if impl == "reference":
         up = lambda t: t.double()  # noqa: E731
-        out = _outputs_and_grads(lambda x, h0, *w: _reference_layer(x, h0, w, relu), up(x),
-                                 up(h0), [up(p) for p in params], up(gy), up(ghn))
+        out = _outputs_and_grads(
+            lambda x, h0, *w: _reference_layer(x, h0, w, relu),
+            up(x),
+            up(h0),
+            [up(p) for p in params],
+            up(gy),
+            up(ghn),
+        )
     elif impl == "fused":
         out = _outputs_and_grads(
             lambda x, h0, *w: fused_bptt.function.rnn_layer(x, h0, *w, relu=relu, backend="cpp"),
-            x, h0, params, gy, ghn)
+            x,
+            h0,
+            params,
+            gy,
+            ghn,
+        )
     elif impl == "nn":
+
         def nn_run(x, h0, *w):
-            y, h_n = torch._VF.rnn_relu(x, h0[None], w, True, 1, 0.0, False, False, False) \
-                if relu else torch._VF.rnn_tanh(x, h0[None], w, True, 1, 0.0, False, False, False)
+            y, h_n = (
+                torch._VF.rnn_relu(x, h0[None], w, True, 1, 0.0, False, False, False)
+                if relu
+                else torch._VF.rnn_tanh(x, h0[None], w, True, 1, 0.0, False, False, False)
+            )
             return y, h_n[0]
+
         out = _outputs_and_grads(nn_run, x, h0, params, gy, ghn)
     elif impl == "f32 state":
         f = lambda t: t.float()  # noqa: E731
         out = _outputs_and_grads(
             lambda x, h0, *w: fused_bptt.function.rnn_layer(x, h0, *w, relu=relu, backend="cpp"),
-            f(x), f(h0), [f(p) for p in params], f(gy), f(ghn))
+            f(x),
+            f(h0),
+            [f(p) for p in params],
+            f(gy),
+            f(ghn),
+        )
         out = [t.to(dtype) for t in out]
     else:
         raise ValueError(f"unknown implementation {impl!r}")
@@ -105,27 +127,43 @@ def measure(dtype, T, B, H, impls=IMPLS, seed=0, relu=False):
 
 def table(results):
     """Markdown lines: per dtype and shape, the errors of each implementation."""
-    lines = ["| dtype | T / B / H | impl | " + " | ".join(QUANTITIES) + " | worst fused/nn |",
-             "|---" * (len(QUANTITIES) + 4) + "|"]
+    lines = [
+        "| dtype | T / B / H | impl | " + " | ".join(QUANTITIES) + " | worst fused/nn |",
+        "|---" * (len(QUANTITIES) + 4) + "|",
+    ]
     for (dtype, shape), errs in results.items():
         worst = max(errs["fused"][q] / errs["nn"][q] for q in QUANTITIES)
         for i, impl in enumerate(errs):
-            head = (str(dtype).replace("torch.", ""), "/".join(map(str, shape))) if i == 0 else ("", "")
-            cells = [*head, impl, *(f"{errs[impl][q]:.1e}" for q in QUANTITIES),
-                     f"{worst:.2f}" if impl == "fused" else ""]
+            head = (
+                (str(dtype).replace("torch.", ""), "/".join(map(str, shape)))
+                if i == 0
+                else ("", "")
+            )
+            cells = [
+                *head,
+                impl,
+                *(f"{errs[impl][q]:.1e}" for q in QUANTITIES),
+                f"{worst:.2f}" if impl == "fused" else "",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results", "accuracy_lowp.md"))
+    p.add_argument(
+        "--out",
+        default=os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "results", "accuracy_lowp.md"
+        ),
+    )
     args = p.parse_args(argv)
     results = {(d, s): measure(d, *s) for d in DTYPES for s in SHAPES}
     lines = table(results)
-    lines.append(f"\nstep kernel: FUSED_BPTT_CPU_ISA={os.environ.get('FUSED_BPTT_CPU_ISA', '')!r}"
-                 f", torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    lines.append(
+        f"\nstep kernel: FUSED_BPTT_CPU_ISA={os.environ.get('FUSED_BPTT_CPU_ISA', '')!r}"
+        f", torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+    )
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -22,6 +22,7 @@ progress, and last that summary: the four target shapes (ratio = nn time / cpp t
 saved for backward, the GFLOP/s at large H against the machine's GEMM rates, and the machine.
 Benchmarks report; they never assert speed.
 """
+
 import argparse
 import csv
 import os
@@ -40,10 +41,20 @@ MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (T, B, H): must reach, aim (ratio nn / cpp, forward + backward), from the project's targets;
 # bfloat16's from issue 10, which float16 is held to as well.
-TARGETS = {torch.float32: [((256, 8, 64), 6.0, 15.0), ((128, 16, 128), 2.5, 5.0),
-                           ((64, 32, 256), 1.4, 2.0), ((32, 64, 1024), 1.05, 1.3)],
-           torch.bfloat16: [((256, 8, 64), 6.0, 12.0), ((128, 16, 128), 2.5, 5.0),
-                            ((64, 32, 256), 1.4, 2.0), ((32, 64, 1024), 1.1, 1.5)]}
+TARGETS = {
+    torch.float32: [
+        ((256, 8, 64), 6.0, 15.0),
+        ((128, 16, 128), 2.5, 5.0),
+        ((64, 32, 256), 1.4, 2.0),
+        ((32, 64, 1024), 1.05, 1.3),
+    ],
+    torch.bfloat16: [
+        ((256, 8, 64), 6.0, 12.0),
+        ((128, 16, 128), 2.5, 5.0),
+        ((64, 32, 256), 1.4, 2.0),
+        ((32, 64, 1024), 1.1, 1.5),
+    ],
+}
 TARGETS[torch.float16] = TARGETS[torch.bfloat16]
 # Low precision at the largest target shape: FusedRNN float32 time / its time must reach this.
 LOW_PRECISION_GAIN_TARGET = 2.0
@@ -77,8 +88,11 @@ def make_calls(T, B, H, dtype=torch.float32):
     calls = {}
     for name, model in models.items():
         params = list(model.parameters())
-        xs, h0s = (x, h0) if name != "cpp_float32" else [
-            t.detach().float().requires_grad_() for t in (x, h0)]
+        xs, h0s = (
+            (x, h0)
+            if name != "cpp_float32"
+            else [t.detach().float().requires_grad_() for t in (x, h0)]
+        )
 
         def fwd(model=model, xs=xs, h0s=h0s):
             with torch.no_grad():
@@ -133,6 +147,7 @@ def saved_for_backward(model, T, B, H, dtype=torch.float32):
     really kept, whichever way a graph node holds it (x, h0 and the weights exist before the
     call and are not counted)."""
     from torch.profiler import ProfilerActivity, profile
+
     x = torch.randn(T, B, H).to(dtype).requires_grad_()
     h0 = torch.randn(1, B, H).to(dtype).requires_grad_()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -153,7 +168,7 @@ def sgemm_gflops(n=2048, threads=None, dtype=torch.float32):
         seconds = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
     finally:
         torch.set_num_threads(before)
-    return 2 * n ** 3 / seconds / 1e9
+    return 2 * n**3 / seconds / 1e9
 
 
 def flops_fwd_bwd(T, B, H):
@@ -179,12 +194,24 @@ def run_sweep(points, budget_s, rows, dtype=torch.float32):
         for mode in MODES:
             med = time_interleaved({n: calls[n][mode] for n in impls}, budget_s)
             for name in impls:
-                rows.append(dict(T=T, B=B, H=H, dtype=str(dtype).replace("torch.", ""),
-                                 mode=mode, impl=name, ms=med[name] * 1e3,
-                                 speedup_vs_nn=med["nn"] / med[name]))
-            print(f"[{i + 1}/{len(points)}] T={T:4d} B={B:3d} H={H:5d} {mode:8s} "
-                  + "  ".join(f"{n} {med[n] * 1e3:8.3f} ms" for n in impls)
-                  + f"  nn/cpp {med['nn'] / med['cpp']:5.2f}x", flush=True)
+                rows.append(
+                    dict(
+                        T=T,
+                        B=B,
+                        H=H,
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode=mode,
+                        impl=name,
+                        ms=med[name] * 1e3,
+                        speedup_vs_nn=med["nn"] / med[name],
+                    )
+                )
+            print(
+                f"[{i + 1}/{len(points)}] T={T:4d} B={B:3d} H={H:5d} {mode:8s} "
+                + "  ".join(f"{n} {med[n] * 1e3:8.3f} ms" for n in impls)
+                + f"  nn/cpp {med['nn'] / med['cpp']:5.2f}x",
+                flush=True,
+            )
 
 
 def write_csv(rows, path):
@@ -200,6 +227,7 @@ STYLES = {"cpp": "-o", "ops": "-.^", "reference": ":x", "nn": "--s", "cpp_float3
 def plot(rows, T, out_dir, suffix=""):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -214,9 +242,11 @@ def plot(rows, T, out_dir, suffix=""):
                 for impl, style in STYLES.items():
                     if kind == "speedup" and impl == "nn":
                         continue
-                    pts = sorted((r["H"], r["ms"] if kind == "time" else r["speedup_vs_nn"])
-                                 for r in sweep if r["B"] == B and r["mode"] == mode
-                                 and r["impl"] == impl)
+                    pts = sorted(
+                        (r["H"], r["ms"] if kind == "time" else r["speedup_vs_nn"])
+                        for r in sweep
+                        if r["B"] == B and r["mode"] == mode and r["impl"] == impl
+                    )
                     if pts:
                         ax.plot(*zip(*pts), style, label=f"{impl} B={B}")
             ax.set_xscale("log", base=2)
@@ -237,72 +267,112 @@ def plot(rows, T, out_dir, suffix=""):
 
 def lookup(rows, shape, mode, impl):
     T, B, H = shape
-    return next(r for r in rows if (r["T"], r["B"], r["H"], r["mode"], r["impl"]) ==
-                (T, B, H, mode, impl))
+    return next(
+        r for r in rows if (r["T"], r["B"], r["H"], r["mode"], r["impl"]) == (T, B, H, mode, impl)
+    )
 
 
-def print_summary(rows, targets, quick, mem, gemm_rate, load_before, path, dtype=torch.float32,
-                  lowp_gemm_rate=None):
+def print_summary(
+    rows,
+    targets,
+    quick,
+    mem,
+    gemm_rate,
+    load_before,
+    path,
+    dtype=torch.float32,
+    lowp_gemm_rate=None,
+):
     """Prints the final table and writes the same lines to `path`."""
     lines = []
     out = lines.append
     name = str(dtype).replace("torch.", "")
     out("\n" + "=" * 100)
-    out(f"fused_bptt CPU benchmark, {name}: ratio = torch.nn.RNN time / FusedRNN(backend='cpp') "
-        "time (median, interleaved)")
-    out("ops ratio = the same for the raw ops (torch.ops.fused_bptt.*, no Python layer, no "
-        "autograd)")
-    out(f"{'T/B/H':>14} {'fwd+bwd nn ms':>13} {'cpp ms':>8} {'ratio':>6} {'must':>5} {'aim':>5} "
+    out(
+        f"fused_bptt CPU benchmark, {name}: ratio = torch.nn.RNN time / FusedRNN(backend='cpp') "
+        "time (median, interleaved)"
+    )
+    out(
+        "ops ratio = the same for the raw ops (torch.ops.fused_bptt.*, no Python layer, no "
+        "autograd)"
+    )
+    out(
+        f"{'T/B/H':>14} {'fwd+bwd nn ms':>13} {'cpp ms':>8} {'ratio':>6} {'must':>5} {'aim':>5} "
         f"{'verdict':>8} {'ops ratio':>9} | {'fwd nn ms':>9} {'cpp ms':>8} {'ratio':>6} "
-        f"{'verdict':>7} {'ops ratio':>9}")
+        f"{'verdict':>7} {'ops ratio':>9}"
+    )
     for shape, must, aim in targets:
         fb = {i: lookup(rows, shape, "fwd+bwd", i) for i in ("nn", "cpp", "ops")}
         fo = {i: lookup(rows, shape, "fwd", i) for i in ("nn", "cpp", "ops")}
         r_fb, r_fo = fb["cpp"]["speedup_vs_nn"], fo["cpp"]["speedup_vs_nn"]
 
-        def verdict(r):
+        def verdict(r, aim=aim, must=must):
             if quick:
                 return "n/a"
             return "AIM" if r >= aim else "PASS" if r >= must else "FAIL"
-        out(f"{'/'.join(map(str, shape)):>14} {fb['nn']['ms']:13.3f} {fb['cpp']['ms']:8.3f} "
+
+        out(
+            f"{'/'.join(map(str, shape)):>14} {fb['nn']['ms']:13.3f} {fb['cpp']['ms']:8.3f} "
             f"{r_fb:6.2f} {must:5.2f} {aim:5.2f} {verdict(r_fb):>8} "
             f"{fb['ops']['speedup_vs_nn']:9.2f} | {fo['nn']['ms']:9.3f} {fo['cpp']['ms']:8.3f} "
-            f"{r_fo:6.2f} {verdict(r_fo):>7} {fo['ops']['speedup_vs_nn']:9.2f}")
+            f"{r_fo:6.2f} {verdict(r_fo):>7} {fo['ops']['speedup_vs_nn']:9.2f}"
+        )
     if dtype != torch.float32:
         shape = targets[-1][0]
-        gain = (lookup(rows, shape, "fwd+bwd", "cpp_float32")["ms"]
-                / lookup(rows, shape, "fwd+bwd", "cpp")["ms"])
+        gain = (
+            lookup(rows, shape, "fwd+bwd", "cpp_float32")["ms"]
+            / lookup(rows, shape, "fwd+bwd", "cpp")["ms"]
+        )
         verdict = "n/a" if quick else "PASS" if gain >= LOW_PRECISION_GAIN_TARGET else "FAIL"
-        out(f"FusedRNN float32 time / {name} time at T/B/H={'/'.join(map(str, shape))} fwd+bwd: "
-            f"{gain:.2f}x (target {LOW_PRECISION_GAIN_TARGET:.1f}x) {verdict}")
+        out(
+            f"FusedRNN float32 time / {name} time at T/B/H={'/'.join(map(str, shape))} fwd+bwd: "
+            f"{gain:.2f}x (target {LOW_PRECISION_GAIN_TARGET:.1f}x) {verdict}"
+        )
     slower = [r for r in rows if r["impl"] == "cpp" and r["speedup_vs_nn"] < 1.0]
-    out(f"points where cpp is slower than nn.RNN: {len(slower)}"
-        + "".join(f"\n  T={r['T']} B={r['B']} H={r['H']} {r['mode']}: "
-                  f"{r['speedup_vs_nn']:.2f}x" for r in slower))
+    out(
+        f"points where cpp is slower than nn.RNN: {len(slower)}"
+        + "".join(
+            f"\n  T={r['T']} B={r['B']} H={r['H']} {r['mode']}: {r['speedup_vs_nn']:.2f}x"
+            for r in slower
+        )
+    )
     (T, B, H), m = mem
-    out(f"kept for backward at T/B/H={T}/{B}/{H} (allocator accounting), in units of [T,B,H] "
-        f"{name}: " + "; ".join(f"{name} {tot:.2f} allocated and kept by the forward, "
-                                 f"{extra:.2f} beyond y and h_n" for name, (tot, extra) in m.items()))
+    out(
+        f"kept for backward at T/B/H={T}/{B}/{H} (allocator accounting), in units of [T,B,H] "
+        f"{name}: "
+        + "; ".join(
+            f"{name} {tot:.2f} allocated and kept by the forward, {extra:.2f} beyond y and h_n"
+            for name, (tot, extra) in m.items()
+        )
+    )
     shape = targets[-1][0]
     cpp = lookup(rows, shape, "fwd+bwd", "cpp")
     rate = flops_fwd_bwd(*shape) / (cpp["ms"] * 1e-3) / 1e9
     nn_rate = rate * cpp["ms"] / lookup(rows, shape, "fwd+bwd", "nn")["ms"]
     before, after, one = gemm_rate
     best = max(before, after)
-    out(f"GFLOP/s at T/B/H={'/'.join(map(str, shape))} fwd+bwd (6 GEMM-sized products): "
+    out(
+        f"GFLOP/s at T/B/H={'/'.join(map(str, shape))} fwd+bwd (6 GEMM-sized products): "
         f"cpp {rate:.0f}, nn.RNN {nn_rate:.0f}; machine sgemm (torch.mm, square) before/after "
         f"the sweep: {before:.0f}/{after:.0f} -> cpp at {100 * rate / best:.0f}% "
         f"(1 thread: {one:.0f})"
-        + (f"; {name} GEMM (torch.mm, square): {lowp_gemm_rate:.0f}" if lowp_gemm_rate else ""))
+        + (f"; {name} GEMM (torch.mm, square): {lowp_gemm_rate:.0f}" if lowp_gemm_rate else "")
+    )
     threads = torch.get_num_threads()
     if min(before, after) < 0.8 * best or (threads > 1 and best < 0.7 * threads * one):
-        out("WARNING: the sgemm rate changed during the run or does not scale with the threads: "
-            "other processes share these cores; rerun for trustworthy numbers")
-    out(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads()="
+        out(
+            "WARNING: the sgemm rate changed during the run or does not scale with the threads: "
+            "other processes share these cores; rerun for trustworthy numbers"
+        )
+    out(
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads()="
         f"{torch.get_num_threads()}, torch {torch.__version__}, cpu capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, python {platform.python_version()}")
-    out(f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-        "(other processes on the cores distort every number)")
+        f"{torch.backends.cpu.get_cpu_capability()}, python {platform.python_version()}"
+    )
+    out(
+        f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        "(other processes on the cores distort every number)"
+    )
     text = "\n".join(lines)
     print(text, flush=True)
     with open(path, "w") as f:
@@ -310,8 +380,8 @@ def print_summary(rows, targets, quick, mem, gemm_rate, load_before, path, dtype
 
 
 # Boundaries inside a batch (issue 9): (T, B, H) and must / aim ratios, fwd+bwd.
-VARLEN_RESETS = ((128, 64, 256), 5.0, 8.0)     # FusedRNN(resets) vs the per-step nn.RNN loop
-VARLEN_PACKED = ((64, 32, 256), 1.4, None)     # FusedRNN vs nn.RNN on one PackedSequence
+VARLEN_RESETS = ((128, 64, 256), 5.0, 8.0)  # FusedRNN(resets) vs the per-step nn.RNN loop
+VARLEN_PACKED = ((64, 32, 256), 1.4, None)  # FusedRNN vs nn.RNN on one PackedSequence
 
 
 def run_varlen(quick, budget_s):
@@ -319,6 +389,7 @@ def run_varlen(quick, budget_s):
     write today (zero the state, one nn.RNN call per step), and FusedRNN against nn.RNN on the
     same PackedSequence (lengths uniform in [T/4, T]). Returns the summary lines."""
     from torch.nn.utils.rnn import pack_padded_sequence
+
     lines = []
     g = torch.Generator().manual_seed(0)
     (T, B, H), must, aim = VARLEN_RESETS
@@ -333,7 +404,7 @@ def run_varlen(quick, budget_s):
     def loop():
         h, ys = torch.zeros(1, B, H), []
         for t in range(T):
-            y, h = nn_rnn(x[t:t + 1], h * keep[t])
+            y, h = nn_rnn(x[t : t + 1], h * keep[t])
             ys.append(y)
         (torch.cat(ys).sum() + h.sum()).backward()
 
@@ -342,9 +413,11 @@ def run_varlen(quick, budget_s):
         (y.sum() + h.sum()).backward()
 
     ms = time_interleaved({"fused": fused_resets, "loop": loop}, budget_s)
-    lines.append(f"resets  T/B/H={T}/{B}/{H} ~1% resets, fwd+bwd: FusedRNN {ms['fused']*1e3:.1f} ms,"
-                 f" per-step nn.RNN loop {ms['loop']*1e3:.1f} ms, ratio "
-                 f"{ms['loop'] / ms['fused']:.2f}x (must {must}x, aim {aim}x)")
+    lines.append(
+        f"resets  T/B/H={T}/{B}/{H} ~1% resets, fwd+bwd: FusedRNN {ms['fused'] * 1e3:.1f} ms,"
+        f" per-step nn.RNN loop {ms['loop'] * 1e3:.1f} ms, ratio "
+        f"{ms['loop'] / ms['fused']:.2f}x (must {must}x, aim {aim}x)"
+    )
     (T, B, H), must, _ = VARLEN_PACKED
     if quick:
         T, B, H = 8, 4, 16
@@ -357,12 +430,15 @@ def run_varlen(quick, budget_s):
         def f():
             out, h = model(pack_padded_sequence(xp, lengths, enforce_sorted=False))
             (out.data.sum() + h.sum()).backward()
+
         return f
 
     ms = time_interleaved({"fused": packed_call(fused), "nn": packed_call(nn_rnn)}, budget_s)
-    lines.append(f"packed  T/B/H={T}/{B}/{H} lengths in [{T // 4}, {T}], fwd+bwd: FusedRNN "
-                 f"{ms['fused']*1e3:.1f} ms, nn.RNN {ms['nn']*1e3:.1f} ms, ratio "
-                 f"{ms['nn'] / ms['fused']:.2f}x (must {must}x)")
+    lines.append(
+        f"packed  T/B/H={T}/{B}/{H} lengths in [{T // 4}, {T}], fwd+bwd: FusedRNN "
+        f"{ms['fused'] * 1e3:.1f} ms, nn.RNN {ms['nn'] * 1e3:.1f} ms, ratio "
+        f"{ms['nn'] / ms['fused']:.2f}x (must {must}x)"
+    )
     for line in lines:
         print(line, flush=True)
     return lines
@@ -371,16 +447,26 @@ def run_varlen(quick, budget_s):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run, a few seconds")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="dtype of every tensor (default float32)")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                     "results"))
-    p.add_argument("--varlen-only", action="store_true",
-                   help="only the resets / PackedSequence rows (run_varlen)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="dtype of every tensor (default float32)",
+    )
+    p.add_argument(
+        "--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    )
+    p.add_argument(
+        "--varlen-only",
+        action="store_true",
+        help="only the resets / PackedSequence rows (run_varlen)",
+    )
     args = p.parse_args(argv)
     if "cpp" not in fused_bptt.available_backends():
-        sys.exit("fused_bptt: the compiled CPU ops are not built; build them first "
-                 "(pip install --no-build-isolation .)")
+        sys.exit(
+            "fused_bptt: the compiled CPU ops are not built; build them first "
+            "(pip install --no-build-isolation .)"
+        )
     os.makedirs(args.out_dir, exist_ok=True)
     if args.varlen_only:
         run_varlen(args.quick, 0.02 if args.quick else 2.0)
@@ -393,8 +479,9 @@ def main(argv=None):
     gemm_before = sgemm_gflops(gemm_n)
     if args.quick:
         sweep_T, budget = 16, 0.02
-        targets = [((max(1, T // 8), B, H), must, aim)
-                   for (T, B, H), must, aim in TARGETS[dtype][:3]]
+        targets = [
+            ((max(1, T // 8), B, H), must, aim) for (T, B, H), must, aim in TARGETS[dtype][:3]
+        ]
         grid = [(sweep_T, 4, 32), (sweep_T, 16, 64)]
         extra_T = []
     else:
@@ -403,8 +490,11 @@ def main(argv=None):
         grid = [(sweep_T, B, H) for B in (8, 32) for H in (64, 128, 256, 512, 1024)]
         extra_T = [(T, 16, 128) for T in (32, 512)]
     points = list(dict.fromkeys(grid + extra_T + [s for s, _, _ in targets]))
-    print(f"fused_bptt CPU benchmark, {args.dtype}: {len(points)} shapes x {MODES} x "
-          f"{impls_for(dtype)}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"fused_bptt CPU benchmark, {args.dtype}: {len(points)} shapes x {MODES} x "
+        f"{impls_for(dtype)}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     rows = []
     run_sweep(points, budget, rows, dtype)
     csv_path = os.path.join(args.out_dir, f"cpu_bench{suffix}.csv")
@@ -416,8 +506,17 @@ def main(argv=None):
     gemm_rate = (gemm_before, sgemm_gflops(gemm_n), gemm_one)
     lowp_rate = sgemm_gflops(gemm_n, dtype=dtype) if dtype != torch.float32 else None
     print(f"wrote {csv_path} " + " ".join(plots))
-    print_summary(rows, targets, args.quick, mem, gemm_rate, load_before,
-                  os.path.join(args.out_dir, f"cpu_summary{suffix}.txt"), dtype, lowp_rate)
+    print_summary(
+        rows,
+        targets,
+        args.quick,
+        mem,
+        gemm_rate,
+        load_before,
+        os.path.join(args.out_dir, f"cpu_summary{suffix}.txt"),
+        dtype,
+        lowp_rate,
+    )
     if dtype != torch.float32:  # (the boundary rows compare float32 workarounds)
         return
     varlen = run_varlen(args.quick, 0.02 if args.quick else 2.0)

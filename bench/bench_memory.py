@@ -24,6 +24,7 @@ Outputs under --out: memory.csv, memory_time.csv, memory.png, memory.txt.
                                                      # stall when the other core is taken
     python bench/bench_memory.py --quick          # seconds (the tests call it)
 """
+
 import argparse
 import json
 import statistics
@@ -38,13 +39,20 @@ from torch import nn
 try:
     import fused_bptt
 except ImportError as error:
-    raise SystemExit(f"bench_memory: cannot import fused_bptt ({error}); install it: "
-                     f"pip install --no-build-isolation . in the checkout")
+    raise SystemExit(
+        f"bench_memory: cannot import fused_bptt ({error}); install it: "
+        f"pip install --no-build-isolation . in the checkout"
+    ) from None
 from fused_bptt import FusedRNN, RNNWithHead, available_backends, checkpointed_bptt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import (PeakMemory, format_table, peak_memory_supported,  # noqa: E402
-                        run_worker, write_csv)
+from bench_util import (
+    PeakMemory,
+    format_table,
+    peak_memory_supported,  # noqa: E402
+    run_worker,
+    write_csv,
+)
 
 PLAIN_TS = [1000, 2000, 4000, 8000, 16000, 32000]
 CHECKPOINTED_TS = PLAIN_TS + [64000, 128000, 256000, 1000000]
@@ -56,8 +64,12 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--inputs", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--max-T", type=int, default=256000,
-                   help="largest T measured; 1000000 adds T = 10^6 for checkpointed (minutes)")
+    p.add_argument(
+        "--max-T",
+        type=int,
+        default=256000,
+        help="largest T measured; 1000000 adds T = 10^6 for checkpointed (minutes)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="timing rounds per T")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -78,6 +90,7 @@ def parse_args(argv):
 
 # ---- one measurement, in a worker process ------------------------------------------------------
 
+
 def setup(args, length):
     torch.manual_seed(0)
     model = RNNWithHead(FusedRNN(args.inputs, args.hidden), nn.Linear(args.hidden, 1))
@@ -92,6 +105,7 @@ def run(method, model, x, target):
 
     def loss_fn(pred, tgt):
         return F.mse_loss(pred, tgt, reduction="sum") / count
+
     model.zero_grad(set_to_none=True)
     if method == "plain":
         pred, _ = model(x, None)
@@ -108,14 +122,19 @@ def memory_worker(args):
     t0 = time.perf_counter()
     with PeakMemory() as peak:
         run(args.method, model, x, target)
-    return {"method": args.method, "T": args.T, "peak_mib": peak.mib,
-            "seconds": time.perf_counter() - t0, "data_mib": (x.nbytes + target.nbytes) / 2 ** 20}
+    return {
+        "method": args.method,
+        "T": args.T,
+        "peak_mib": peak.mib,
+        "seconds": time.perf_counter() - t0,
+        "data_mib": (x.nbytes + target.nbytes) / 2**20,
+    }
 
 
 def time_worker(args):
     model, x, target = setup(args, args.T)
     times = {"plain": [], "checkpointed": []}
-    for round_index in range(args.rounds + 1):                # round 0 warms up
+    for round_index in range(args.rounds + 1):  # round 0 warms up
         for method in times:
             t0 = time.perf_counter()
             run(method, model, x, target)
@@ -123,35 +142,66 @@ def time_worker(args):
                 times[method].append(time.perf_counter() - t0)
     plain, ckpt = (statistics.median(times[m]) for m in ("plain", "checkpointed"))
     ratios = [c / p for p, c in zip(times["plain"], times["checkpointed"])]
-    return {"T": args.T, "plain_s": plain, "checkpointed_s": ckpt, "ratio": ckpt / plain,
-            "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": args.rounds}
+    return {
+        "T": args.T,
+        "plain_s": plain,
+        "checkpointed_s": ckpt,
+        "ratio": ckpt / plain,
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "rounds": args.rounds,
+    }
 
 
 # ---- the driver ----------------------------------------------------------------------------------
 
+
 def spawn(args, worker, method, length):
-    return run_worker(__file__, ["--worker", worker, "--T", str(length), "--batch",
-                                 str(args.batch), "--inputs", str(args.inputs), "--hidden",
-                                 str(args.hidden), "--rounds", str(args.rounds), "--threads",
-                                 str(args.threads)] + (["--method", method] if method else []),
-                      fused_bptt.__file__)
+    return run_worker(
+        __file__,
+        [
+            "--worker",
+            worker,
+            "--T",
+            str(length),
+            "--batch",
+            str(args.batch),
+            "--inputs",
+            str(args.inputs),
+            "--hidden",
+            str(args.hidden),
+            "--rounds",
+            str(args.rounds),
+            "--threads",
+            str(args.threads),
+        ]
+        + (["--method", method] if method else []),
+        fused_bptt.__file__,
+    )
 
 
 def plot(path, args, rows, timing):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, style in (("plain", "o-"), ("checkpointed", "s-")):
         points = [r for r in rows if r["method"] == method]
-        mem_ax.plot([r["T"] for r in points], [r["peak_mib"] for r in points], style,
-                    label=f"{method} full BPTT")
+        mem_ax.plot(
+            [r["T"] for r in points],
+            [r["peak_mib"] for r in points],
+            style,
+            label=f"{method} full BPTT",
+        )
     mem_ax.set_xscale("log")
     mem_ax.set_yscale("log")
     mem_ax.set_xlabel("T (time steps)")
     mem_ax.set_ylabel("peak RSS above the start (MiB)")
-    mem_ax.set_title(f"B/I/H = {args.batch}/{args.inputs}/{args.hidden} float32, FusedRNN + "
-                     f"Linear", fontsize=9)
+    mem_ax.set_title(
+        f"B/I/H = {args.batch}/{args.inputs}/{args.hidden} float32, FusedRNN + Linear", fontsize=9
+    )
     mem_ax.grid(True, which="both", alpha=0.3)
     mem_ax.legend()
     ts = [r["T"] for r in timing]
@@ -180,12 +230,16 @@ def main(argv=None):
         print(json.dumps(result))
         return result
     if not peak_memory_supported():
-        raise SystemExit("bench_memory: measures peak RSS through /proc/self/clear_refs and "
-                         "VmHWM, which this system does not have (Linux only)")
+        raise SystemExit(
+            "bench_memory: measures peak RSS through /proc/self/clear_refs and "
+            "VmHWM, which this system does not have (Linux only)"
+        )
     if "cpp" not in available_backends():
-        raise SystemExit(f"bench_memory: FusedRNN would run the slow reference backend "
-                         f"(backends here: {available_backends()}); install the package with its "
-                         f"compiled kernels")
+        raise SystemExit(
+            f"bench_memory: FusedRNN would run the slow reference backend "
+            f"(backends here: {available_backends()}); install the package with its "
+            f"compiled kernels"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -194,35 +248,48 @@ def main(argv=None):
         for length in lengths:
             rows.append(spawn(args, "memory", method, length))
             r = rows[-1]
-            print(f"memory {method:12s} T={length:8d}: peak {r['peak_mib']:9.1f} MiB above the "
-                  f"start ({r['seconds']:.2f} s)", flush=True)
+            print(
+                f"memory {method:12s} T={length:8d}: peak {r['peak_mib']:9.1f} MiB above the "
+                f"start ({r['seconds']:.2f} s)",
+                flush=True,
+            )
     timing = []
     for length in args.time_ts:
         timing.append(spawn(args, "time", None, length))
         r = timing[-1]
-        print(f"time T={length}: plain {r['plain_s']:.3f} s, checkpointed "
-              f"{r['checkpointed_s']:.3f} s, ratio {r['ratio']:.2f}", flush=True)
+        print(
+            f"time T={length}: plain {r['plain_s']:.3f} s, checkpointed "
+            f"{r['checkpointed_s']:.3f} s, ratio {r['ratio']:.2f}",
+            flush=True,
+        )
     peak = {(r["method"], r["T"]): r["peak_mib"] for r in rows}
-    lines = [f"fused_bptt bench_memory: B/I/H = {args.batch}/{args.inputs}/{args.hidden}, "
-             f"float32, FusedRNN (cpp) + Linear, loss = MSE over all T steps; "
-             f"{torch.get_num_threads()} threads; torch {torch.__version__}",
-             "memory: peak resident set size above the start of one forward + backward over T "
-             "steps, in a fresh process per point (VmHWM after clear_refs, minus VmRSS before; "
-             "the data x and target are allocated before the start and not counted; "
-             "checkpointed uses the default segment round(sqrt(T)))",
-             format_table(rows, float_format=".3f")]
+    lines = [
+        f"fused_bptt bench_memory: B/I/H = {args.batch}/{args.inputs}/{args.hidden}, "
+        f"float32, FusedRNN (cpp) + Linear, loss = MSE over all T steps; "
+        f"{torch.get_num_threads()} threads; torch {torch.__version__}",
+        "memory: peak resident set size above the start of one forward + backward over T "
+        "steps, in a fresh process per point (VmHWM after clear_refs, minus VmRSS before; "
+        "the data x and target are allocated before the start and not counted; "
+        "checkpointed uses the default segment round(sqrt(T)))",
+        format_table(rows, float_format=".3f"),
+    ]
     short, long = (2000 if 2000 in args.plain_ts else args.plain_ts[0]), args.plain_ts[-1]
     if ("checkpointed", long) in peak:
-        lines.append(f"plain grows {peak['plain', long] / peak['plain', short]:.1f}x from "
-                     f"T={short} to T={long}; checkpointed at T={long} is "
-                     f"{100 * peak['checkpointed', long] / peak['plain', long]:.1f}% of plain "
-                     f"at T={long}")
-    lines += [f"time: forward + backward, both methods alternately in one process per T, "
-              f"median of {args.rounds} rounds after a warm-up; ratio = checkpointed / plain "
-              f"(min and max over rounds). Measured on a shared machine: provisional",
-              format_table(timing, ["T", "plain_s", "checkpointed_s", "ratio", "ratio_min",
-                                    "ratio_max"], ".3f"),
-              f"bench took {time.perf_counter() - start:.0f} s"]
+        lines.append(
+            f"plain grows {peak['plain', long] / peak['plain', short]:.1f}x from "
+            f"T={short} to T={long}; checkpointed at T={long} is "
+            f"{100 * peak['checkpointed', long] / peak['plain', long]:.1f}% of plain "
+            f"at T={long}"
+        )
+    lines += [
+        f"time: forward + backward, both methods alternately in one process per T, "
+        f"median of {args.rounds} rounds after a warm-up; ratio = checkpointed / plain "
+        f"(min and max over rounds). Measured on a shared machine: provisional",
+        format_table(
+            timing, ["T", "plain_s", "checkpointed_s", "ratio", "ratio_min", "ratio_max"], ".3f"
+        ),
+        f"bench took {time.perf_counter() - start:.0f} s",
+    ]
     text = "\n\n".join(lines)
     print("\n" + text)
     write_csv(out / "memory.csv", rows)

@@ -5,6 +5,7 @@ reset to the current size (writing 5 to /proc/self/clear_refs, Linux only), minu
 everything the process touched (tensors, autograd graph, allocator slack), nothing it held
 before. Measured in a fresh process per figure, so no allocator cache of an earlier one counts.
 """
+
 import csv
 import json
 import os
@@ -26,11 +27,15 @@ def write_csv(path, rows):
 def format_table(rows, keys=None, float_format=".4f"):
     """rows (dicts) as right-aligned columns under a header, floats in float_format."""
     keys = keys or list(rows[0])
-    cells = [[format(r[k], float_format) if isinstance(r[k], float) else str(r[k]) for k in keys]
-             for r in rows]
+    cells = [
+        [format(r[k], float_format) if isinstance(r[k], float) else str(r[k]) for k in keys]
+        for r in rows
+    ]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    return "\n".join(["  ".join(k.rjust(w) for k, w in zip(keys, widths))] +
-                     ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells])
+    return "\n".join(
+        ["  ".join(k.rjust(w) for k, w in zip(keys, widths))]
+        + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    )
 
 
 def _kib(field):
@@ -43,7 +48,7 @@ class PeakMemory:
 
     def __enter__(self):
         self.start = _kib("VmRSS")
-        CLEAR_REFS.write_text("5")                           # VmHWM := VmRSS
+        CLEAR_REFS.write_text("5")  # VmHWM := VmRSS
         return self
 
     def __exit__(self, *exc):
@@ -58,8 +63,12 @@ def run_worker(script, arguments, package_file):
     """Runs `python script *arguments` in a fresh process that imports the same fused_bptt as
     this one (package_file: fused_bptt.__file__); returns the JSON its last line prints."""
     package_root = str(Path(package_file).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        ),
+    }
     command = [sys.executable, str(script), *arguments]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:

@@ -23,6 +23,7 @@ forward, not of one call over the whole sequence (which draws them in one go): t
 exact for the forward that was run, as with TBPTT chunks. Other side effects of a forward
 (BatchNorm's running statistics, counters) happen twice.
 """
+
 import math
 from typing import Callable, List, Optional
 
@@ -45,8 +46,9 @@ class _RNGStates:
     def __init__(self, count: int, device: torch.device) -> None:
         self.device = device if device.type == "cuda" else None
         self.cpu = torch.get_rng_state().expand(count, -1).clone()
-        self.cuda = (torch.cuda.get_rng_state(self.device).expand(count, -1).clone()
-                     if self.device else None)
+        self.cuda = (
+            torch.cuda.get_rng_state(self.device).expand(count, -1).clone() if self.device else None
+        )
 
     def capture(self, index: int) -> None:
         self.cpu[index].copy_(torch.get_rng_state())
@@ -77,9 +79,11 @@ class _Boundaries:
             self.buffers = [t.new_empty((self.count, *t.shape)) for t in tensors]
         shapes = [tuple(b.shape[1:]) for b in self.buffers]
         if [tuple(t.shape) for t in tensors] != shapes:
-            raise RuntimeError(f"{WHO}: the model's state changed shape between segments: "
-                               f"{shapes} before, {[tuple(t.shape) for t in tensors]} after "
-                               f"segment {index - 1}; its state must keep one structure")
+            raise RuntimeError(
+                f"{WHO}: the model's state changed shape between segments: "
+                f"{shapes} before, {[tuple(t.shape) for t in tensors]} after "
+                f"segment {index - 1}; its state must keep one structure"
+            )
         for buffer, t in zip(self.buffers, tensors):
             buffer[index].copy_(t)
 
@@ -99,9 +103,16 @@ def _leaf(t: Tensor) -> Tensor:
     return t.detach().requires_grad_(t.is_floating_point() or t.is_complex())
 
 
-def checkpointed_bptt(model: Callable, x: Tensor, target: Tensor,
-                      loss_fn: Callable[[Tensor, Tensor], Tensor], h0: State = None, *,
-                      segment: Optional[int] = None, batch_first: bool = False) -> Tensor:
+def checkpointed_bptt(
+    model: Callable,
+    x: Tensor,
+    target: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    h0: State = None,
+    *,
+    segment: Optional[int] = None,
+    batch_first: bool = False,
+) -> Tensor:
     """Backpropagates the loss of a whole sequence exactly, holding O(sqrt(T)) activations.
 
     Args:
@@ -129,20 +140,27 @@ def checkpointed_bptt(model: Callable, x: Tensor, target: Tensor,
         loss = checkpointed_bptt(model, x, target, mse_sum, segment=200)  # x: [32000, 16, 4]
         opt.step()
     """
-    if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or
-                                segment < 1):
-        raise ValueError(f"{WHO}: segment must be an int >= 1 (time steps per segment) or None "
-                         f"for round(sqrt(T)), but got {segment!r}")
+    if segment is not None and (
+        isinstance(segment, bool) or not isinstance(segment, int) or segment < 1
+    ):
+        raise ValueError(
+            f"{WHO}: segment must be an int >= 1 (time steps per segment) or None "
+            f"for round(sqrt(T)), but got {segment!r}"
+        )
     time_dim = 1 if batch_first else 0
     for name, value in (("x", x), ("target", target)):
         if not isinstance(value, Tensor) or value.dim() <= time_dim:
-            raise ValueError(f"{WHO}: {name} must be a tensor with time at dim {time_dim} "
-                             f"({'[B, T, ...]' if batch_first else '[T, ...]'}), but got "
-                             f"{tuple(value.shape) if isinstance(value, Tensor) else value!r}")
+            raise ValueError(
+                f"{WHO}: {name} must be a tensor with time at dim {time_dim} "
+                f"({'[B, T, ...]' if batch_first else '[T, ...]'}), but got "
+                f"{tuple(value.shape) if isinstance(value, Tensor) else value!r}"
+            )
     length = x.shape[time_dim]
     if target.shape[time_dim] != length:
-        raise ValueError(f"{WHO}: x and target must have the same length T (dim {time_dim}), "
-                         f"but got x {tuple(x.shape)} and target {tuple(target.shape)}")
+        raise ValueError(
+            f"{WHO}: x and target must have the same length T (dim {time_dim}), "
+            f"but got x {tuple(x.shape)} and target {tuple(target.shape)}"
+        )
     if length == 0:
         raise ValueError(f"{WHO}: the sequence is empty (T = 0)")
     step = min(segment or max(1, round(math.sqrt(length))), length)
@@ -173,34 +191,38 @@ def checkpointed_bptt(model: Callable, x: Tensor, target: Tensor,
 
     # Pass 2: each segment again, with grad, last to first.
     losses: Optional[Tensor] = None
-    grad_h: Optional[List[Optional[Tensor]]] = None      # dL/d(the segment's final state)
+    grad_h: Optional[List[Optional[Tensor]]] = None  # dL/d(the segment's final state)
     for index in reversed(range(len(starts))):
         start = starts[index]
         h_in = h0_in if index == 0 else _map_state(_leaf, boundaries.load(index))
         rng_states.restore(index)
         with torch.enable_grad():
-            pred, h_out = _split_output(model(piece(x_in, start), h_in), WHO,
-                                        f"segment {index}")
+            pred, h_out = _split_output(model(piece(x_in, start), h_in), WHO, f"segment {index}")
             loss = loss_fn(pred, piece(target_in, start))
         _check_loss(loss, WHO)
         outputs, grads = ([loss], [None]) if loss.requires_grad else ([], [])
         if grad_h is not None:
             finals = _state_tensors(h_out)
             if len(finals) != len(grad_h):
-                raise RuntimeError(f"{WHO}: the model returned a state of {len(finals)} "
-                                   f"tensors for segment {index}, but {len(grad_h)} for the "
-                                   f"next one; its state must keep one structure")
+                raise RuntimeError(
+                    f"{WHO}: the model returned a state of {len(finals)} "
+                    f"tensors for segment {index}, but {len(grad_h)} for the "
+                    f"next one; its state must keep one structure"
+                )
             for t, g in zip(finals, grad_h):
                 if g is not None and t.requires_grad:
                     outputs.append(t)
                     grads.append(g)
-        if index == 0 and not (loss.requires_grad or
-                               any(t.requires_grad for t in _state_tensors(h_out))):
+        if index == 0 and not (
+            loss.requires_grad or any(t.requires_grad for t in _state_tensors(h_out))
+        ):
             # Segment 0 starts from the caller's h0, so only what the caller asks to
             # differentiate (parameters, x, h0) can make its outputs require grad.
-            raise RuntimeError(f"{WHO}: nothing to backpropagate: the loss does not require "
-                               f"grad (no parameter of the model requires grad, nor do x or "
-                               f"h0)")
+            raise RuntimeError(
+                f"{WHO}: nothing to backpropagate: the loss does not require "
+                f"grad (no parameter of the model requires grad, nor do x or "
+                f"h0)"
+            )
         if outputs:
             torch.autograd.backward(outputs, grads)
         grad_h = [t.grad for t in _state_tensors(h_in)] if index else None
@@ -210,10 +232,16 @@ def checkpointed_bptt(model: Callable, x: Tensor, target: Tensor,
     after_forward.restore(0)
 
     # The inputs' own graphs, once.
-    tails = [(t, leaf.grad) for t, leaf in ((x, x_in), (target, target_in))
-             if t.requires_grad and leaf.grad is not None]
-    tails += [(t, leaf.grad) for t, leaf in zip(_state_tensors(h0), _state_tensors(h0_in))
-              if t.requires_grad and leaf.grad is not None]
+    tails = [
+        (t, leaf.grad)
+        for t, leaf in ((x, x_in), (target, target_in))
+        if t.requires_grad and leaf.grad is not None
+    ]
+    tails += [
+        (t, leaf.grad)
+        for t, leaf in zip(_state_tensors(h0), _state_tensors(h0_in))
+        if t.requires_grad and leaf.grad is not None
+    ]
     if tails:
         torch.autograd.backward([t for t, _ in tails], [g for _, g in tails])
     return losses.sum()

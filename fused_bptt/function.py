@@ -10,6 +10,7 @@
 Backends: "cuda" (CUDA tensors), "cpp" (CPU tensors), "reference" (pure PyTorch, any device/dtype).
 "auto" takes the first of available_backends() that runs the given tensors.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -22,8 +23,10 @@ from .reference import last_state
 BACKENDS = ("cuda", "cpp", "reference")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 # The dtypes each compiled backend's kernels take (bfloat16/float16: CPU only for now).
-_KERNEL_DTYPES = {"cpp": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                  "cuda": (torch.float32, torch.float64)}
+_KERNEL_DTYPES = {
+    "cpp": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "cuda": (torch.float32, torch.float64),
+}
 _DEVICE_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu"}
 
 
@@ -35,9 +38,11 @@ def _check_runnable_dtype(x: Tensor) -> None:
     """Integer, boolean and float8 tensors: no kernel takes them and the reference has no
     arithmetic for them, so say which dtypes run instead of failing deep inside an op."""
     if not (x.is_floating_point() or x.is_complex()) or x.element_size() < 2:
-        raise TypeError(f"fused_bptt: x has dtype {x.dtype}, which no backend runs; the kernels "
-                        f"take {_dtype_names(_KERNEL_DTYPES['cpp'])} (cpp) and "
-                        f"{_dtype_names(_KERNEL_DTYPES['cuda'])} (cuda); convert the input")
+        raise TypeError(
+            f"fused_bptt: x has dtype {x.dtype}, which no backend runs; the kernels "
+            f"take {_dtype_names(_KERNEL_DTYPES['cpp'])} (cpp) and "
+            f"{_dtype_names(_KERNEL_DTYPES['cuda'])} (cuda); convert the input"
+        )
 
 
 def _find_backends() -> Tuple[str, ...]:
@@ -62,8 +67,10 @@ def available_backends() -> Tuple[str, ...]:
 
 def check_backend_name(backend, who: str = "fused_bptt") -> None:
     if backend not in BACKEND_CHOICES:
-        raise ValueError(f"{who}: backend must be one of "
-                         f"{', '.join(repr(b) for b in BACKEND_CHOICES)}, but got {backend!r}")
+        raise ValueError(
+            f"{who}: backend must be one of "
+            f"{', '.join(repr(b) for b in BACKEND_CHOICES)}, but got {backend!r}"
+        )
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
@@ -76,9 +83,11 @@ def resolve_backend(backend: str, x: Tensor) -> str:
         _ops.warn_not_loaded()
         if backend == "auto":
             return "reference"
-        raise RuntimeError(f"fused_bptt: backend {backend!r} is not available because the compiled "
-                           f"extension did not load ({_ops.LOAD_ERROR}). Rebuild it with: "
-                           f"{_ops.REINSTALL_COMMAND}")
+        raise RuntimeError(
+            f"fused_bptt: backend {backend!r} is not available because the compiled "
+            f"extension did not load ({_ops.LOAD_ERROR}). Rebuild it with: "
+            f"{_ops.REINSTALL_COMMAND}"
+        )
     available = available_backends()
     if backend == "auto":
         for name in available[:-1]:
@@ -86,16 +95,21 @@ def resolve_backend(backend: str, x: Tensor) -> str:
                 return name
         return "reference"
     if backend not in available:
-        raise RuntimeError(f"fused_bptt: backend {backend!r} is not available here; available "
-                           f"backends: {available}")
+        raise RuntimeError(
+            f"fused_bptt: backend {backend!r} is not available here; available "
+            f"backends: {available}"
+        )
     wanted = _DEVICE_OF_BACKEND[backend]
     if x.device.type != wanted:
-        raise ValueError(f"fused_bptt: backend {backend!r} runs {wanted} tensors, but x is on "
-                         f"{x.device}")
+        raise ValueError(
+            f"fused_bptt: backend {backend!r} runs {wanted} tensors, but x is on {x.device}"
+        )
     if x.dtype not in _KERNEL_DTYPES[backend]:
-        raise TypeError(f"fused_bptt: backend {backend!r} supports "
-                        f"{_dtype_names(_KERNEL_DTYPES[backend])}, but x is "
-                        f"{x.dtype}; use backend='reference' or convert the input")
+        raise TypeError(
+            f"fused_bptt: backend {backend!r} supports "
+            f"{_dtype_names(_KERNEL_DTYPES[backend])}, but x is "
+            f"{x.dtype}; use backend='reference' or convert the input"
+        )
     return backend
 
 
@@ -107,8 +121,10 @@ def _needs_differentiable_ops(args) -> bool:
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     if torch.autograd.forward_ad._current_level >= 0:
-        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
-                   for t in args)
+        return any(
+            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+            for t in args
+        )
     return False
 
 
@@ -131,8 +147,9 @@ def _differentiable_grads(saved, relu, grad_y, grad_h_n, resets, lengths):
         y = reference.rnn_forward(*saved, relu, resets, lengths)
     if grad_y is None:
         grad_y = torch.zeros_like(y)
-    return reference.rnn_backward(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n,
-                                  resets, lengths)
+    return reference.rnn_backward(
+        grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n, resets, lengths
+    )
 
 
 def _grads(saved, y, relu, grad_y, grad_h_n, resets, lengths):
@@ -142,15 +159,18 @@ def _grads(saved, y, relu, grad_y, grad_h_n, resets, lengths):
     # (torch.compile traces this backward once, with grad mode on, into a graph that is never
     # differentiated again: AOTAutograd refuses double backward itself.)
     if not torch.compiler.is_compiling() and (
-            torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
-        dx, dh0, dw_ih, dw_hh, db = _differentiable_grads(saved, relu, grad_y, grad_h_n, resets,
-                                                          lengths)
+        torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
+    ):
+        dx, dh0, dw_ih, dw_hh, db = _differentiable_grads(
+            saved, relu, grad_y, grad_h_n, resets, lengths
+        )
     else:
         x, h0, weight_ih, weight_hh = saved[:4]
         if grad_y is None:
             grad_y = torch.zeros_like(y)
         dx, dh0, dw_ih, dw_hh, db = torch.ops.fused_bptt.rnn_backward(
-            grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n, resets, lengths)
+            grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n, resets, lengths
+        )
     # The two biases get equal gradients; give each its own tensor so their .grad never alias.
     bias_ih, bias_hh = saved[4:]
     db_ih = db if bias_ih is not None else None
@@ -158,16 +178,24 @@ def _grads(saved, y, relu, grad_y, grad_h_n, resets, lengths):
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh, None, None, None
 
 
-def _rnn_layer_grads(grad_y, grad_h_n, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu,
-                     resets=None, lengths=None):
+def _rnn_layer_grads(
+    grad_y, grad_h_n, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets=None, lengths=None
+):
     """fused_bptt::rnn_layer_grads, which the C++ autograd of rnn_layer (csrc/autograd.cpp) calls
     for a differentiable backward; absent biases get an empty entry."""
     saved = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-    dx, dh0, dw_ih, dw_hh, db = _differentiable_grads(saved, relu, grad_y, grad_h_n, resets,
-                                                      lengths)
+    dx, dh0, dw_ih, dw_hh, db = _differentiable_grads(
+        saved, relu, grad_y, grad_h_n, resets, lengths
+    )
     empty = x.new_empty(0)
-    return [dx, dh0, dw_ih, dw_hh, db if bias_ih is not None else empty,
-            (db.clone() if bias_ih is not None else db) if bias_hh is not None else empty]
+    return [
+        dx,
+        dh0,
+        dw_ih,
+        dw_hh,
+        db if bias_ih is not None else empty,
+        (db.clone() if bias_ih is not None else db) if bias_hh is not None else empty,
+    ]
 
 
 class RNNLayerFunction(torch.autograd.Function):
@@ -185,8 +213,9 @@ class RNNLayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets=None,
-                lengths=None):
+    def forward(
+        ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets=None, lengths=None
+    ):
         y = _forward_op(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets, lengths)
         ctx.relu = relu
         ctx.set_materialize_grads(False)
@@ -215,28 +244,40 @@ def _op_backward(ctx, grad_y):
 if _ops.loaded():
     # Autograd of the forward op itself, for code that calls it outside the autograd.Function:
     # a torch.jit.trace graph (which records the op) and direct calls of torch.ops.fused_bptt.
-    torch.library.register_autograd("fused_bptt::rnn_forward", _op_backward,
-                                    setup_context=_op_setup_context)
+    torch.library.register_autograd(
+        "fused_bptt::rnn_forward", _op_backward, setup_context=_op_setup_context
+    )
     _LIBRARY = torch.library.Library("fused_bptt", "IMPL")
     _LIBRARY.impl("rnn_layer_grads", _rnn_layer_grads, "CompositeImplicitAutograd")
 
 
-def layer_forward(backend: str, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                  bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], relu: bool,
-                  resets: Optional[Tensor] = None,
-                  lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def layer_forward(
+    backend: str,
+    x: Tensor,
+    h0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor],
+    relu: bool,
+    resets: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """One layer on a resolved backend, arguments already checked; returns (y, h_n)."""
     args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     bounds = (resets, lengths)
-    if backend == "reference" or (not torch.compiler.is_compiling()
-                                  and _needs_differentiable_ops(args)):
+    if backend == "reference" or (
+        not torch.compiler.is_compiling() and _needs_differentiable_ops(args)
+    ):
         y = reference.rnn_forward(*args, relu, *bounds)
     elif torch.jit.is_tracing():
         # The op with its registered autograd: one graph for the trace, with or without grad.
         y = torch.ops.fused_bptt.rnn_forward(*args, relu, *bounds)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        if (torch.compiler.is_compiling()
-                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        if (
+            torch.compiler.is_compiling()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        ):
             # The Python Function: Dynamo traces it, and saved-tensor hooks see y through it.
             return RNNLayerFunction.apply(*args, relu, *bounds)
         # autograd in C++: eager training
@@ -247,35 +288,89 @@ def layer_forward(backend: str, x: Tensor, h0: Tensor, weight_ih: Tensor, weight
     return y, last_state(y, lengths)
 
 
-def rnn_layer(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-              bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
-              relu: bool = False, resets: Optional[Tensor] = None,
-              lengths: Optional[Tensor] = None,
-              backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def rnn_layer(
+    x: Tensor,
+    h0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    *,
+    relu: bool = False,
+    resets: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
     """One layer of a tanh (or relu) RNN over a whole chunk; returns (y [T,B,H], h_n [B,H])."""
     check_layer_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     # The range of lengths is read only in eager mode (a compiled graph would break on it; the
     # C++ kernels check it again).
     check_boundaries(x, resets, lengths, values=not torch.compiler.is_compiling())
-    return layer_forward(resolve_backend(backend, x), x, h0, weight_ih, weight_hh, bias_ih,
-                         bias_hh, relu, resets, lengths)
+    return layer_forward(
+        resolve_backend(backend, x),
+        x,
+        h0,
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        relu,
+        resets,
+        lengths,
+    )
 
 
-def rnn_tanh(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-             bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
-             resets: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-             backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def rnn_tanh(
+    x: Tensor,
+    h0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    *,
+    resets: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
     """h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh) over T steps; returns (y, h_n).
     resets / lengths: see the module docstring."""
-    return rnn_layer(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu=False, resets=resets,
-                     lengths=lengths, backend=backend)
+    return rnn_layer(
+        x,
+        h0,
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        relu=False,
+        resets=resets,
+        lengths=lengths,
+        backend=backend,
+    )
 
 
-def rnn_relu(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-             bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
-             resets: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-             backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def rnn_relu(
+    x: Tensor,
+    h0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    *,
+    resets: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
     """h_t = relu(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh) over T steps; returns (y, h_n).
     resets / lengths: see the module docstring."""
-    return rnn_layer(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu=True, resets=resets,
-                     lengths=lengths, backend=backend)
+    return rnn_layer(
+        x,
+        h0,
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        relu=True,
+        resets=resets,
+        lengths=lengths,
+        backend=backend,
+    )

@@ -4,6 +4,7 @@ It subclasses torch.nn.RNN, so the constructor, parameter names, order, shapes, 
 state_dict, repr and the argument validation are nn.RNN's own; isinstance(m, nn.RNN) holds.
 Only forward differs: every (layer, direction) is one call of the fused op over the whole chunk.
 """
+
 from contextlib import nullcontext
 from typing import Optional, Tuple
 
@@ -33,27 +34,61 @@ class FusedRNN(nn.RNN):
     and direction (the reverse direction sees the same boundaries).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 backend: str = "auto", **kwargs) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+        **kwargs,
+    ) -> None:
         check_backend_name(backend, "FusedRNN")
         # Other keywords (proj_size, ...) go to nn.RNN, which accepts or rejects them itself,
         # with its own errors.
-        super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
-                         dropout, bidirectional, device=device, dtype=dtype, **kwargs)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            nonlinearity,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
         self.backend = backend
 
     @classmethod
     def from_rnn(cls, rnn: nn.RNN, *, backend: str = "auto") -> "FusedRNN":
         """A FusedRNN with the configuration, weights, device, dtype and mode of `rnn`."""
         if not isinstance(rnn, nn.RNN):
-            raise TypeError(f"FusedRNN.from_rnn expects a torch.nn.RNN, but got "
-                            f"{type(rnn).__name__}")
+            raise TypeError(
+                f"FusedRNN.from_rnn expects a torch.nn.RNN, but got {type(rnn).__name__}"
+            )
         weight = rnn.weight_ih_l0
-        fused = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.nonlinearity, rnn.bias,
-                    rnn.batch_first, rnn.dropout, rnn.bidirectional, device=weight.device,
-                    dtype=weight.dtype, backend=backend)
+        fused = cls(
+            rnn.input_size,
+            rnn.hidden_size,
+            rnn.num_layers,
+            rnn.nonlinearity,
+            rnn.bias,
+            rnn.batch_first,
+            rnn.dropout,
+            rnn.bidirectional,
+            device=weight.device,
+            dtype=weight.dtype,
+            backend=backend,
+        )
         fused.load_state_dict(rnn.state_dict())
         fused.train(rnn.training)
         return fused
@@ -66,22 +101,27 @@ class FusedRNN(nn.RNN):
 
     # resets is positional-or-keyword, not keyword-only: the TorchScript ONNX exporter fills
     # every parameter of forward positionally with its default.
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None,
-                resets: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self, input: Tensor, hx: Optional[Tensor] = None, resets: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
         if onnx_export_active():  # torch.onnx.export: the graph is ONNX's RNN op (export.py)
             if resets is not None:
                 raise NotImplementedError(
                     "ONNX export of FusedRNN does not take resets: ONNX's RNN op has no state "
-                    "reset inside a sequence; export without resets")
+                    "reset inside a sequence; export without resets"
+                )
             return onnx_forward(self, input, hx)
         if isinstance(input, PackedSequence):
             if resets is not None:
-                raise ValueError("FusedRNN: resets applies to tensor input; a PackedSequence "
-                                 "already separates its sequences (pass resets=None)")
+                raise ValueError(
+                    "FusedRNN: resets applies to tensor input; a PackedSequence "
+                    "already separates its sequences (pass resets=None)"
+                )
             return forward_packed(self, input, hx)
         if input.dim() not in (2, 3):
-            raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor "
-                             f"instead")
+            raise ValueError(
+                f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
+            )
         num_directions = 2 if self.bidirectional else 1
         is_batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
@@ -91,12 +131,15 @@ class FusedRNN(nn.RNN):
             input = input.unsqueeze(batch_dim)
             if hx is not None:
                 if hx.dim() != 2:
-                    raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got "
-                                       f"{hx.dim()}-D tensor")
+                    raise RuntimeError(
+                        f"For unbatched 2-D input, hx should also be 2-D but got "
+                        f"{hx.dim()}-D tensor"
+                    )
                 hx = hx.unsqueeze(1)
         elif hx is not None and hx.dim() != 3:
-            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got "
-                               f"{hx.dim()}-D tensor")
+            raise RuntimeError(
+                f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+            )
         weights = [getattr(self, name) for name in self._flat_weights_names]
         # Autocast: nn.RNN's policy (its op is on autocast's lower-precision list): floating
         # tensors other than float64 run in the autocast dtype, and so does the output.
@@ -105,16 +148,25 @@ class FusedRNN(nn.RNN):
             low = torch.get_autocast_dtype(input.device.type)
             input, hx, *weights = [_autocast_cast(t, low) for t in (input, hx, *weights)]
         if hx is None:
-            hx = torch.zeros(self.num_layers * num_directions, input.size(batch_dim),
-                             self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = torch.zeros(
+                self.num_layers * num_directions,
+                input.size(batch_dim),
+                self.hidden_size,
+                dtype=input.dtype,
+                device=input.device,
+            )
         if input.dtype != weights[0].dtype:
-            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype "
-                             f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
-                             f"or convert model: model.to({input.dtype})")
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype "
+                f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
+                f"or convert model: model.to({input.dtype})"
+            )
         self._check_sizes(input, hx)
         if hx.dtype != input.dtype:
-            raise ValueError(f"RNN hx dtype ({hx.dtype}) does not match input dtype "
-                             f"({input.dtype}). Convert it: hx.to({input.dtype})")
+            raise ValueError(
+                f"RNN hx dtype ({hx.dtype}) does not match input dtype "
+                f"({input.dtype}). Convert it: hx.to({input.dtype})"
+            )
         if self.batch_first:
             input = input.transpose(0, 1)
         if input.size(0) == 0:
@@ -138,12 +190,20 @@ class FusedRNN(nn.RNN):
         if input.dim() != 3:
             raise RuntimeError(f"input must have 3 dimensions, got {input.dim()}")
         if self.input_size != input.size(-1):
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {input.size(-1)}")
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected "
+                f"{self.input_size}, got {input.size(-1)}"
+            )
         self.check_hidden_size(hx, self.get_expected_hidden_size(input, None))
 
-    def _run_layers(self, x: Tensor, hx: Tensor, weights, resets: Optional[Tensor] = None,
-                    lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def _run_layers(
+        self,
+        x: Tensor,
+        hx: Tensor,
+        weights,
+        resets: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
         """x: [T, B, I] time-major, hx: [num_layers * num_directions, B, H], weights in
         nn.RNN's order (_flat_weights_names), resets [T, B] bool and lengths [B] int64 (both
         checked) or None. The module has checked every shape: each layer goes straight to the
@@ -158,16 +218,27 @@ class FusedRNN(nn.RNN):
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
-                w = weights[index * per_layer:(index + 1) * per_layer]
+                w = weights[index * per_layer : (index + 1) * per_layer]
                 bias_ih, bias_hh = (w[2], w[3]) if self.bias else (None, None)
                 # The reverse direction is the forward recurrence over the time-flipped input
                 # (each sequence flipped within its own length).
                 if direction == 0:
-                    y, h_last = layer_forward(backend, x, hx[index], w[0], w[1], bias_ih, bias_hh,
-                                              relu, resets, lengths)
+                    y, h_last = layer_forward(
+                        backend, x, hx[index], w[0], w[1], bias_ih, bias_hh, relu, resets, lengths
+                    )
                 else:
-                    y, h_last = layer_forward(backend, reverse.flip(x), hx[index], w[0], w[1],
-                                              bias_ih, bias_hh, relu, reverse.resets, lengths)
+                    y, h_last = layer_forward(
+                        backend,
+                        reverse.flip(x),
+                        hx[index],
+                        w[0],
+                        w[1],
+                        bias_ih,
+                        bias_hh,
+                        relu,
+                        reverse.resets,
+                        lengths,
+                    )
                     y = reverse.flip(y)
                 outputs.append(y)
                 finals.append(h_last)
@@ -187,11 +258,11 @@ class _Reversal:
     """
 
     def __init__(self, x: Tensor, resets: Optional[Tensor], lengths: Optional[Tensor]) -> None:
-        T, B = x.shape[0], x.shape[1]
+        T = x.shape[0]
         self.index = None
         if lengths is not None:
             t = torch.arange(T, device=x.device).unsqueeze(1)
-            self.index = torch.where(t < lengths, lengths - 1 - t, t)       # [T, B]
+            self.index = torch.where(t < lengths, lengths - 1 - t, t)  # [T, B]
         self.resets = None
         if resets is not None:
             flipped = resets.flip(0) if self.index is None else resets.gather(0, self.index)
@@ -211,21 +282,28 @@ def _resets_time_major(resets, input: Tensor, batch_first: bool) -> Tensor:
     layout = "[B, T]" if batch_first and batched else "[T, B]" if batched else "[T]"
     expected = (B, T) if batch_first and batched else (T, B) if batched else (T,)
     if not isinstance(resets, Tensor) or resets.dtype != torch.bool:
-        raise TypeError(f"FusedRNN: resets must be a bool tensor {layout}, but got "
-                        f"{resets.dtype if isinstance(resets, Tensor) else type(resets).__name__}")
+        raise TypeError(
+            f"FusedRNN: resets must be a bool tensor {layout}, but got "
+            f"{resets.dtype if isinstance(resets, Tensor) else type(resets).__name__}"
+        )
     if tuple(resets.shape) != expected:
-        raise ValueError(f"FusedRNN: resets must have shape {layout} = {expected} for input of "
-                         f"shape {tuple(input.shape)}, but got {tuple(resets.shape)}")
+        raise ValueError(
+            f"FusedRNN: resets must have shape {layout} = {expected} for input of "
+            f"shape {tuple(input.shape)}, but got {tuple(resets.shape)}"
+        )
     if resets.device != input.device:
-        raise ValueError(f"FusedRNN: resets must be on {input.device} (the device of input), but "
-                         f"is on {resets.device}")
+        raise ValueError(
+            f"FusedRNN: resets must be on {input.device} (the device of input), but "
+            f"is on {resets.device}"
+        )
     if not batched:
         return resets.unsqueeze(1)
     return resets.t() if batch_first else resets
 
 
-def forward_packed(rnn: "FusedRNN", packed: PackedSequence,
-                   hx: Optional[Tensor]) -> Tuple[PackedSequence, Tensor]:
+def forward_packed(
+    rnn: "FusedRNN", packed: PackedSequence, hx: Optional[Tensor]
+) -> Tuple[PackedSequence, Tensor]:
     """nn.RNN's forward on a PackedSequence: the sequences run as rows of a padded time-major
     batch in the packed (length-descending) order, each with its length, so a row stops at its
     own last step; the output is packed again and h_n put back in the caller's order."""
@@ -233,8 +311,13 @@ def forward_packed(rnn: "FusedRNN", packed: PackedSequence,
     num_directions = 2 if rnn.bidirectional else 1
     max_batch = int(batch_sizes[0])
     if hx is None:
-        hx = torch.zeros(rnn.num_layers * num_directions, max_batch, rnn.hidden_size,
-                         dtype=data.dtype, device=data.device)
+        hx = torch.zeros(
+            rnn.num_layers * num_directions,
+            max_batch,
+            rnn.hidden_size,
+            dtype=data.dtype,
+            device=data.device,
+        )
     else:
         hx = rnn.permute_hidden(hx, sorted_indices)
     weights = [getattr(rnn, name) for name in rnn._flat_weights_names]
@@ -243,26 +326,32 @@ def forward_packed(rnn: "FusedRNN", packed: PackedSequence,
         low = torch.get_autocast_dtype(data.device.type)
         data, hx, *weights = [_autocast_cast(t, low) for t in (data, hx, *weights)]
     if data.dtype != weights[0].dtype:
-        raise ValueError(f"RNN input dtype ({data.dtype}) does not match weight dtype "
-                         f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
-                         f"or convert model: model.to({data.dtype})")
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype "
+            f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
+            f"or convert model: model.to({data.dtype})"
+        )
     rnn.check_forward_args(data, hx, batch_sizes)
     if hx.dtype != data.dtype:
-        raise ValueError(f"RNN hx dtype ({hx.dtype}) does not match input dtype "
-                         f"({data.dtype}). Convert it: hx.to({data.dtype})")
+        raise ValueError(
+            f"RNN hx dtype ({hx.dtype}) does not match input dtype "
+            f"({data.dtype}). Convert it: hx.to({data.dtype})"
+        )
     # Packed row p is (t, b) of the padded batch, in row-major order: one index_copy pads, one
     # index_select packs again (pad_packed_sequence / pack_padded_sequence copy step by step,
     # and cost more than the layer).
     T = batch_sizes.numel()
-    mask = torch.arange(max_batch).unsqueeze(0) < batch_sizes.unsqueeze(1)    # [T, B]
+    mask = torch.arange(max_batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
     rows = mask.flatten().nonzero().squeeze(1).to(data.device)
     lengths = mask.sum(0).to(data.device)
     x = data.new_zeros(T * max_batch, data.shape[-1]).index_copy(0, rows, data)
     with torch.autocast(data.device.type, enabled=False) if autocast else nullcontext():
         y, h_n = rnn._run_layers(x.view(T, max_batch, -1), hx, weights, None, lengths)
     out = y.reshape(T * max_batch, -1).index_select(0, rows)
-    return (PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices),
-            rnn.permute_hidden(h_n, unsorted_indices))
+    return (
+        PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices),
+        rnn.permute_hidden(h_n, unsorted_indices),
+    )
 
 
 def _autocast_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -297,5 +386,7 @@ def _fused_class_for(cls: type) -> type:
     if cls.__bases__ == (nn.RNN,) and cls.__name__.startswith("Parametrized"):
         members = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
         return type(f"Parametrized{FusedRNN.__name__}", (FusedRNN,), members)
-    raise TypeError(f"swap_rnn: cannot swap {cls.__name__}, a subclass of torch.nn.RNN whose "
-                    f"forward may differ; build a FusedRNN with FusedRNN.from_rnn(module) instead")
+    raise TypeError(
+        f"swap_rnn: cannot swap {cls.__name__}, a subclass of torch.nn.RNN whose "
+        f"forward may differ; build a FusedRNN with FusedRNN.from_rnn(module) instead"
+    )

@@ -10,6 +10,7 @@ Boundaries (optional): resets bool [T, B] zeroes the state entering step t of th
 true; lengths int64 [B] (1..T) ends row b after lengths[b] steps: later steps output 0 and keep the
 state, so h_n[b] = y[lengths[b] - 1, b] (see last_state).
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -32,10 +33,17 @@ def last_state(y: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
     return y[lengths - 1, torch.arange(y.shape[1], device=y.device)]
 
 
-def rnn_forward(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
-                relu: bool = False, resets: Optional[Tensor] = None,
-                lengths: Optional[Tensor] = None) -> Tensor:
+def rnn_forward(
+    x: Tensor,
+    h0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    relu: bool = False,
+    resets: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
     """Returns y [T, B, H], the hidden state after every step (0 past a row's length).
     Differentiable by autograd."""
     act = _activation(relu)
@@ -60,10 +68,18 @@ def rnn_forward(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
     return torch.stack(ys)
 
 
-def rnn_backward(grad_y: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                 y: Tensor, relu: bool = False, grad_h_n: Optional[Tensor] = None,
-                 resets: Optional[Tensor] = None,
-                 lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def rnn_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    h0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    y: Tensor,
+    relu: bool = False,
+    grad_h_n: Optional[Tensor] = None,
+    resets: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The reverse-time backward written out by hand from y alone.
 
     Returns (dx, dh0, dW_ih, dW_hh, db) as the compiled `rnn_backward` op does:
@@ -78,9 +94,9 @@ def rnn_backward(grad_y: Tensor, x: Tensor, h0: Tensor, weight_ih: Tensor, weigh
     term is 0), only dx_t, dW_ih and db.
     """
     T = y.shape[0]
-    h_prev = torch.cat([h0.unsqueeze(0), y[:-1]])          # h_{t-1} for every active t
+    h_prev = torch.cat([h0.unsqueeze(0), y[:-1]])  # h_{t-1} for every active t
     dzs, dz_recs = [], []
-    carry = torch.zeros_like(h0)                            # the gradient reaching h_t from t+1
+    carry = torch.zeros_like(h0)  # the gradient reaching h_t from t+1
     for t in reversed(range(T)):
         g = grad_y[t] + carry
         if grad_h_n is not None:

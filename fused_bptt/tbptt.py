@@ -22,6 +22,7 @@ module's own `batch_first`.
 The training loop is in fused_bptt/train.py; exact full-sequence BPTT in bounded memory in
 fused_bptt/checkpoint.py.
 """
+
 import collections
 import math
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
@@ -46,6 +47,7 @@ class Chunk(NamedTuple):
     resets: None, or bool [n, B] ([B, n] when time_dim = 1) from StatefulTBPTT(boundaries=...),
     covering every step of x (context steps too): pass it on, `model(x, h, resets=resets)`.
     """
+
     x: Tensor
     target: Tensor
     h: State
@@ -73,10 +75,12 @@ def batchify(sequence: Tensor, num_streams: int) -> Tensor:
         raise ValueError("batchify: expected a sequence [N, ...], but got a 0-d tensor")
     n = sequence.shape[0]
     if num_streams > n:
-        raise ValueError(f"batchify: cannot cut a sequence of length {n} into {num_streams} "
-                         f"streams (at most {n}, one step each)")
+        raise ValueError(
+            f"batchify: cannot cut a sequence of length {n} into {num_streams} "
+            f"streams (at most {n}, one step each)"
+        )
     length = n // num_streams
-    streams = sequence[:length * num_streams].reshape(num_streams, length, *sequence.shape[1:])
+    streams = sequence[: length * num_streams].reshape(num_streams, length, *sequence.shape[1:])
     return streams.transpose(0, 1)
 
 
@@ -87,8 +91,10 @@ def _map_state(fn: Callable[[Tensor], Tensor], h: State) -> State:
         return fn(h)
     if isinstance(h, (tuple, list)):
         return type(h)(_map_state(fn, part) for part in h)
-    raise TypeError(f"a recurrent state must be a Tensor, a tuple of Tensors or None, but got "
-                    f"{type(h).__name__}")
+    raise TypeError(
+        f"a recurrent state must be a Tensor, a tuple of Tensors or None, but got "
+        f"{type(h).__name__}"
+    )
 
 
 def _state_tensors(h: State) -> List[Tensor]:
@@ -101,12 +107,15 @@ def _state_tensors(h: State) -> List[Tensor]:
 
 def _check_k(k, who: str) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{who}: the chunk length k must be an int >= 1 (a number of time "
-                         f"steps, not a number of chunks), but got {k!r}")
+        raise ValueError(
+            f"{who}: the chunk length k must be an int >= 1 (a number of time "
+            f"steps, not a number of chunks), but got {k!r}"
+        )
 
 
-def _check_boundary_stream(boundaries, x: Tensor, num_streams: Optional[int],
-                      batch_first: bool) -> None:
+def _check_boundary_stream(
+    boundaries, x: Tensor, num_streams: Optional[int], batch_first: bool
+) -> None:
     """boundaries must be a bool tensor on x's device laid out like x: [N] with num_streams,
     else x's first two dims ([T, B], or [B, T] with batch_first)."""
     who = "StatefulTBPTT"
@@ -117,14 +126,20 @@ def _check_boundary_stream(boundaries, x: Tensor, num_streams: Optional[int],
         expected = tuple(x.shape[:2])
     if not isinstance(boundaries, Tensor) or boundaries.dtype != torch.bool:
         got = boundaries.dtype if isinstance(boundaries, Tensor) else type(boundaries).__name__
-        raise TypeError(f"{who}: boundaries must be a bool tensor {layout}, true where a new "
-                        f"document starts, but got {got}")
+        raise TypeError(
+            f"{who}: boundaries must be a bool tensor {layout}, true where a new "
+            f"document starts, but got {got}"
+        )
     if tuple(boundaries.shape) != expected:
-        raise ValueError(f"{who}: boundaries must have shape {layout} = {expected} for x of "
-                         f"shape {tuple(x.shape)}, but got {tuple(boundaries.shape)}")
+        raise ValueError(
+            f"{who}: boundaries must have shape {layout} = {expected} for x of "
+            f"shape {tuple(x.shape)}, but got {tuple(boundaries.shape)}"
+        )
     if boundaries.device != x.device:
-        raise ValueError(f"{who}: boundaries must be on {x.device} (the device of x), but is "
-                         f"on {boundaries.device}")
+        raise ValueError(
+            f"{who}: boundaries must be on {x.device} (the device of x), but is "
+            f"on {boundaries.device}"
+        )
 
 
 class StatefulTBPTT:
@@ -175,29 +190,44 @@ class StatefulTBPTT:
             driver.carry(h_n)
     """
 
-    def __init__(self, x: Tensor, target: Tensor, k: int, num_streams: Optional[int] = None, *,
-                 batch_first: bool = False, drop_last: bool = False,
-                 backprop: Optional[int] = None, boundaries: Optional[Tensor] = None) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        target: Tensor,
+        k: int,
+        num_streams: Optional[int] = None,
+        *,
+        batch_first: bool = False,
+        drop_last: bool = False,
+        backprop: Optional[int] = None,
+        boundaries: Optional[Tensor] = None,
+    ) -> None:
         who = "StatefulTBPTT"
         _check_k(k, who)
         if backprop is None:
             backprop = k
         if isinstance(backprop, bool) or not isinstance(backprop, int) or backprop < k:
-            raise ValueError(f"{who}: backprop (k2, the steps each update backpropagates "
-                             f"through) must be an int >= k={k}, but got {backprop!r}")
+            raise ValueError(
+                f"{who}: backprop (k2, the steps each update backpropagates "
+                f"through) must be an int >= k={k}, but got {backprop!r}"
+            )
         if backprop % k:
             # The driver sees only the final state of each chunk, so it can start a window
             # only at a chunk boundary.
-            raise ValueError(f"{who}: backprop must be a multiple of k={k} (windows start at "
-                             f"chunk boundaries, the only states the driver sees), but got "
-                             f"{backprop}; use {backprop // k * k} or {(backprop // k + 1) * k}")
+            raise ValueError(
+                f"{who}: backprop must be a multiple of k={k} (windows start at "
+                f"chunk boundaries, the only states the driver sees), but got "
+                f"{backprop}; use {backprop // k * k} or {(backprop // k + 1) * k}"
+            )
         if boundaries is not None:
             _check_boundary_stream(boundaries, x, num_streams, batch_first)
         if num_streams is not None:
             if x.dim() < 1 or target.dim() < 1 or x.shape[0] != target.shape[0]:
-                raise ValueError(f"{who}: x and target must be sequences of the same length "
-                                 f"(dim 0), but got x {tuple(x.shape)} and target "
-                                 f"{tuple(target.shape)}")
+                raise ValueError(
+                    f"{who}: x and target must be sequences of the same length "
+                    f"(dim 0), but got x {tuple(x.shape)} and target "
+                    f"{tuple(target.shape)}"
+                )
             x, target = batchify(x, num_streams), batchify(target, num_streams)
             if boundaries is not None:
                 boundaries = batchify(boundaries, num_streams)
@@ -207,27 +237,33 @@ class StatefulTBPTT:
                     boundaries = boundaries.transpose(0, 1)
         else:
             if x.dim() < 2 or target.dim() < 2:
-                raise ValueError(f"{who}: without num_streams, x and target must be streams "
-                                 f"{'[B, T, ...]' if batch_first else '[T, B, ...]'}, but got x "
-                                 f"{tuple(x.shape)} and target {tuple(target.shape)}; pass "
-                                 f"num_streams=B to cut one long sequence into B streams")
+                raise ValueError(
+                    f"{who}: without num_streams, x and target must be streams "
+                    f"{'[B, T, ...]' if batch_first else '[T, B, ...]'}, but got x "
+                    f"{tuple(x.shape)} and target {tuple(target.shape)}; pass "
+                    f"num_streams=B to cut one long sequence into B streams"
+                )
             if x.shape[:2] != target.shape[:2]:
-                raise ValueError(f"{who}: x and target must have the same length and number of "
-                                 f"streams (their first two dims), but got x {tuple(x.shape)} "
-                                 f"and target {tuple(target.shape)}")
+                raise ValueError(
+                    f"{who}: x and target must have the same length and number of "
+                    f"streams (their first two dims), but got x {tuple(x.shape)} "
+                    f"and target {tuple(target.shape)}"
+                )
         self._time_dim = 1 if batch_first else 0
         self.x, self.target, self.k, self.drop_last = x, target, k, drop_last
         self.backprop, self.boundaries = backprop, boundaries
         self.length = x.shape[self._time_dim]
         self.num_streams = x.shape[1 - self._time_dim]
         if self.length < k:
-            raise ValueError(f"{who}: the streams are {self.length} steps long, shorter than "
-                             f"the chunk length k={k}; use k <= {self.length} or fewer streams")
+            raise ValueError(
+                f"{who}: the streams are {self.length} steps long, shorter than "
+                f"the chunk length k={k}; use k <= {self.length} or fewer streams"
+            )
         # The states at the last backprop // k chunk boundaries since the last full reset,
         # newest last; boundary j is the state after j * k steps.
         self._chunk_states = collections.deque([None], maxlen=backprop // k)
-        self._first_boundary = 0          # the boundary of the last full reset
-        self._next_index = 0              # the chunk after the current one
+        self._first_boundary = 0  # the boundary of the last full reset
+        self._next_index = 0  # the chunk after the current one
         self._awaiting_carry = False
 
     @property
@@ -243,9 +279,11 @@ class StatefulTBPTT:
         self.reset()
         for index in range(len(self)):
             if self._awaiting_carry:
-                raise RuntimeError(f"StatefulTBPTT: carry(h_n) was not called after chunk "
-                                   f"{index - 1}; call it with the model's final state after "
-                                   f"every chunk (or reset() to start the streams over)")
+                raise RuntimeError(
+                    f"StatefulTBPTT: carry(h_n) was not called after chunk "
+                    f"{index - 1}; call it with the model's final state after "
+                    f"every chunk (or reset() to start the streams over)"
+                )
             start = index * self.k
             end = min(start + self.k, self.length)
             # The window starts backprop - k steps before the new ones, at a chunk boundary
@@ -256,8 +294,11 @@ class StatefulTBPTT:
             target = self.target.narrow(self._time_dim, start, end - start)
             # The resets of every step of x, the context steps too: a window re-run from an
             # older state must zero it at the same boundaries as the first run did.
-            resets = (None if self.boundaries is None else
-                      self.boundaries.narrow(self._time_dim, first * self.k, end - first * self.k))
+            resets = (
+                None
+                if self.boundaries is None
+                else self.boundaries.narrow(self._time_dim, first * self.k, end - first * self.k)
+            )
             self._awaiting_carry, self._next_index = True, index + 1
             yield Chunk(x, target, h, start - first * self.k, self._time_dim, resets)
         self._awaiting_carry = False
@@ -266,9 +307,11 @@ class StatefulTBPTT:
         """Keeps h_n, detached, as the state after the current chunk."""
         for t in _state_tensors(h_n):
             if t.dim() < 2 or t.shape[-2] != self.num_streams:
-                raise ValueError(f"StatefulTBPTT.carry: expected a state with the "
-                                 f"{self.num_streams} streams at dim -2 (e.g. [layers, B, H]), "
-                                 f"but got shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"StatefulTBPTT.carry: expected a state with the "
+                    f"{self.num_streams} streams at dim -2 (e.g. [layers, B, H]), "
+                    f"but got shape {tuple(t.shape)}"
+                )
         self._chunk_states.append(_map_state(Tensor.detach, h_n))
         self._awaiting_carry = False
 
@@ -290,24 +333,29 @@ class StatefulTBPTT:
             raise NotImplementedError(
                 f"StatefulTBPTT.reset: resetting some streams is not supported with "
                 f"backprop={self.backprop} > k={self.k}: the next windows reach back across "
-                f"the reset point for all streams. Use backprop=k, or reset() all streams")
+                f"the reset point for all streams. Use backprop=k, or reset() all streams"
+            )
         index = torch.as_tensor(streams)
         if index.dtype == torch.bool:
             if index.shape != (self.num_streams,):
-                raise ValueError(f"StatefulTBPTT.reset: a bool mask must have shape "
-                                 f"({self.num_streams},), but got {tuple(index.shape)}")
+                raise ValueError(
+                    f"StatefulTBPTT.reset: a bool mask must have shape "
+                    f"({self.num_streams},), but got {tuple(index.shape)}"
+                )
             index = index.nonzero().flatten()
         index = index.flatten().long()
-        if index.numel() and (index.min() < -self.num_streams or
-                              index.max() >= self.num_streams):
-            raise IndexError(f"StatefulTBPTT.reset: stream indices must be in "
-                             f"[0, {self.num_streams}), but got {index.tolist()}")
+        if index.numel() and (index.min() < -self.num_streams or index.max() >= self.num_streams):
+            raise IndexError(
+                f"StatefulTBPTT.reset: stream indices must be in "
+                f"[0, {self.num_streams}), but got {index.tolist()}"
+            )
 
         def zero_rows(t: Tensor) -> Tensor:
             # A copy: the carried tensor may still be the saved output of the last chunk's graph.
             t = t.clone()
             t.index_fill_(t.dim() - 2, index.to(t.device) % self.num_streams, 0)
             return t
+
         self._chunk_states[-1] = _map_state(zero_rows, self.state)
 
 
@@ -329,10 +377,17 @@ class StatelessTBPTT:
     ignores its argument, so the same loop serves both drivers.
     """
 
-    def __init__(self, x: Union[Tensor, Sequence[Tensor]], target: Union[Tensor, Sequence[Tensor]],
-                 k: int, batch_size: int, num_batches: int, *,
-                 generator: Union[None, int, torch.Generator] = None,
-                 batch_first: bool = False) -> None:
+    def __init__(
+        self,
+        x: Union[Tensor, Sequence[Tensor]],
+        target: Union[Tensor, Sequence[Tensor]],
+        k: int,
+        batch_size: int,
+        num_batches: int,
+        *,
+        generator: Union[None, int, torch.Generator] = None,
+        batch_first: bool = False,
+    ) -> None:
         who = "StatelessTBPTT"
         _check_k(k, who)
         for name, value in (("batch_size", batch_size), ("num_batches", num_batches)):
@@ -341,24 +396,32 @@ class StatelessTBPTT:
         xs = [x] if isinstance(x, Tensor) else list(x)
         targets = [target] if isinstance(target, Tensor) else list(target)
         if len(xs) != len(targets) or not xs:
-            raise ValueError(f"{who}: expected as many target sequences as input sequences "
-                             f"(at least one), but got {len(xs)} and {len(targets)}")
+            raise ValueError(
+                f"{who}: expected as many target sequences as input sequences "
+                f"(at least one), but got {len(xs)} and {len(targets)}"
+            )
         for i, (xi, ti) in enumerate(zip(xs, targets)):
             if xi.dim() < 1 or ti.dim() < 1 or xi.shape[0] != ti.shape[0]:
-                raise ValueError(f"{who}: sequence {i}: x and target must have the same length "
-                                 f"(dim 0), but got x {tuple(xi.shape)} and target "
-                                 f"{tuple(ti.shape)}")
+                raise ValueError(
+                    f"{who}: sequence {i}: x and target must have the same length "
+                    f"(dim 0), but got x {tuple(xi.shape)} and target "
+                    f"{tuple(ti.shape)}"
+                )
             if xi.shape[0] < k:
-                raise ValueError(f"{who}: sequence {i} is {xi.shape[0]} steps long, shorter than "
-                                 f"the window length k={k}")
+                raise ValueError(
+                    f"{who}: sequence {i} is {xi.shape[0]} steps long, shorter than "
+                    f"the window length k={k}"
+                )
             if xi.shape[1:] != xs[0].shape[1:] or ti.shape[1:] != targets[0].shape[1:]:
-                raise ValueError(f"{who}: sequence {i} has feature shape x {tuple(xi.shape[1:])}"
-                                 f", target {tuple(ti.shape[1:])}, but sequence 0 has x "
-                                 f"{tuple(xs[0].shape[1:])}, target {tuple(targets[0].shape[1:])}")
+                raise ValueError(
+                    f"{who}: sequence {i} has feature shape x {tuple(xi.shape[1:])}"
+                    f", target {tuple(ti.shape[1:])}, but sequence 0 has x "
+                    f"{tuple(xs[0].shape[1:])}, target {tuple(targets[0].shape[1:])}"
+                )
         self.x, self.target, self.k = xs, targets, k
         self.batch_size, self.num_batches, self.batch_first = batch_size, num_batches, batch_first
-        if generator is None:               # seeded from the global RNG: torch.manual_seed rules
-            generator = int(torch.randint(2 ** 62, (), dtype=torch.int64))
+        if generator is None:  # seeded from the global RNG: torch.manual_seed rules
+            generator = int(torch.randint(2**62, (), dtype=torch.int64))
         if isinstance(generator, int):
             generator = torch.Generator().manual_seed(generator)
         self.generator = generator
@@ -380,8 +443,10 @@ class StatelessTBPTT:
         dim = 0 if self.batch_first else 1
         for _ in range(self.num_batches):
             sequence, start = self.sample_windows()
-            pairs = [(self.x[s][b:b + self.k], self.target[s][b:b + self.k])
-                     for s, b in zip(sequence.tolist(), start.tolist())]
+            pairs = [
+                (self.x[s][b : b + self.k], self.target[s][b : b + self.k])
+                for s, b in zip(sequence.tolist(), start.tolist())
+            ]
             x = torch.stack([p[0] for p in pairs], dim)
             target = torch.stack([p[1] for p in pairs], dim)
             yield Chunk(x, target, None, 0, 1 - dim)

@@ -1,12 +1,13 @@
 """Training glue on top of the chunk drivers: a model with a readout, and the per-chunk loop.
 
-    RNNWithHead    (x, h) -> (head(rnn(x, h)[0]), h_n): an rnn and a readout as one model.
-    train_tbptt    forward, loss, backward, gradient norm (and clipping), optimizer step per
-                   chunk of a driver; returns the losses, with the gradient norms and whether
-                   each update was clipped.
-    TrainLog       what train_tbptt returns: the list of per-update losses, plus .grad_norms
-                   and .clipped.
+RNNWithHead    (x, h) -> (head(rnn(x, h)[0]), h_n): an rnn and a readout as one model.
+train_tbptt    forward, loss, backward, gradient norm (and clipping), optimizer step per
+               chunk of a driver; returns the losses, with the gradient norms and whether
+               each update was clipped.
+TrainLog       what train_tbptt returns: the list of per-update losses, plus .grad_norms
+               and .clipped.
 """
+
 import inspect
 import math
 from typing import Callable, List, Optional
@@ -35,7 +36,7 @@ class RNNWithHead(nn.Module):
         self.rnn, self.head = rnn, head
 
     def forward(self, x: Tensor, h: State = None, resets: Optional[Tensor] = None):
-        if resets is None:       # an rnn without resets (nn.RNN, nn.LSTM) keeps working
+        if resets is None:  # an rnn without resets (nn.RNN, nn.LSTM) keeps working
             y, h_n = self.rnn(x, h)
         else:
             _require_resets(self.rnn, "RNNWithHead: its rnn")
@@ -53,19 +54,21 @@ def _require_resets(model: Callable, who: str) -> None:
         return
     if any(p.name == "resets" or p.kind is p.VAR_KEYWORD for p in params):
         return
-    raise TypeError(f"{who} ({type(model).__name__}) takes no `resets`, but the chunks carry "
-                    f"resets (StatefulTBPTT(boundaries=...)). Use a model whose forward takes "
-                    f"resets (FusedRNN, or RNNWithHead around one), or build the driver without "
-                    f"boundaries")
+    raise TypeError(
+        f"{who} ({type(model).__name__}) takes no `resets`, but the chunks carry "
+        f"resets (StatefulTBPTT(boundaries=...)). Use a model whose forward takes "
+        f"resets (FusedRNN, or RNNWithHead around one), or build the driver without "
+        f"boundaries"
+    )
 
 
 class TrainLog(list):
     """The per-update losses of train_tbptt (a plain list of floats, as it always was), with
 
-        grad_norms  the 2-norm of all the optimizer's gradients before clipping, per update
-                    (inf or nan when the gradient was: what monitoring is for);
-        clipped     per update, whether clipping scaled the gradient down (always False
-                    without clip_grad_norm).
+    grad_norms  the 2-norm of all the optimizer's gradients before clipping, per update
+                (inf or nan when the gradient was: what monitoring is for);
+    clipped     per update, whether clipping scaled the gradient down (always False
+                without clip_grad_norm).
     """
 
     def __init__(self, losses=(), grad_norms=(), clipped=()) -> None:
@@ -77,27 +80,37 @@ class TrainLog(list):
 def _split_output(out, who: str, where: str):
     """(pred, h_n) from what the model returned, or a TypeError saying what came instead."""
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        what = (f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list))
-                else f"a {type(out).__name__}")
-        raise TypeError(f"{who}: model(x, h) must return (pred, h_n), as nn.RNN, FusedRNN, "
-                        f"nn.LSTM and RNNWithHead do, but it returned {what} ({where})")
+        what = (
+            f"a {type(out).__name__} of length {len(out)}"
+            if isinstance(out, (tuple, list))
+            else f"a {type(out).__name__}"
+        )
+        raise TypeError(
+            f"{who}: model(x, h) must return (pred, h_n), as nn.RNN, FusedRNN, "
+            f"nn.LSTM and RNNWithHead do, but it returned {what} ({where})"
+        )
     pred, h_n = out
     try:
         _map_state(lambda t: t, h_n)
     except TypeError as error:
-        raise TypeError(f"{who}: model(x, h) must return (pred, h_n) with h_n its final state "
-                        f"({error})") from None
+        raise TypeError(
+            f"{who}: model(x, h) must return (pred, h_n) with h_n its final state ({error})"
+        ) from None
     if not _state_tensors(h_n):
-        raise TypeError(f"{who}: model(x, h) returned h_n = {h_n!r} ({where}); expected its "
-                        f"final state, a Tensor or a tuple of Tensors, to carry on from")
+        raise TypeError(
+            f"{who}: model(x, h) returned h_n = {h_n!r} ({where}); expected its "
+            f"final state, a Tensor or a tuple of Tensors, to carry on from"
+        )
     return pred, h_n
 
 
 def _check_loss(loss, who: str) -> None:
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
-        raise ValueError(f"{who}: loss_fn must return a scalar tensor (a reduction such as "
-                         f"'mean' or 'sum'), but it returned {got}")
+        raise ValueError(
+            f"{who}: loss_fn must return a scalar tensor (a reduction such as "
+            f"'mean' or 'sum'), but it returned {got}"
+        )
 
 
 def _grad_norm_and_clip(params: List[Tensor], max_norm: Optional[float]):
@@ -111,10 +124,16 @@ def _grad_norm_and_clip(params: List[Tensor], max_norm: Optional[float]):
     return norm, not max_norm >= norm + 1e-6
 
 
-def train_tbptt(model: Callable, driver, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                optimizer: torch.optim.Optimizer, *, head: Optional[Callable] = None,
-                clip_grad_norm: Optional[float] = None,
-                on_chunk: Optional[Callable[[int, float], None]] = None) -> TrainLog:
+def train_tbptt(
+    model: Callable,
+    driver,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    head: Optional[Callable] = None,
+    clip_grad_norm: Optional[float] = None,
+    on_chunk: Optional[Callable[[int, float], None]] = None,
+) -> TrainLog:
     """One pass over `driver` (StatefulTBPTT or StatelessTBPTT): one optimizer step per chunk.
 
     For each chunk: pred, h_n = model(chunk.x, chunk.h) (with resets=chunk.resets when the
@@ -139,12 +158,16 @@ def train_tbptt(model: Callable, driver, loss_fn: Callable[[Tensor, Tensor], Ten
         log = train_tbptt(model, driver, F.mse_loss, opt, clip_grad_norm=1.0)
         print(log[-1], log.grad_norms[-1], sum(log.clipped))
     """
-    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and
-                                           not isinstance(clip_grad_norm, bool) and
-                                           clip_grad_norm > 0 and
-                                           not math.isnan(clip_grad_norm)):
-        raise ValueError(f"train_tbptt: clip_grad_norm must be a positive number or None, but "
-                         f"got {clip_grad_norm!r}")
+    if clip_grad_norm is not None and not (
+        isinstance(clip_grad_norm, (int, float))
+        and not isinstance(clip_grad_norm, bool)
+        and clip_grad_norm > 0
+        and not math.isnan(clip_grad_norm)
+    ):
+        raise ValueError(
+            f"train_tbptt: clip_grad_norm must be a positive number or None, but "
+            f"got {clip_grad_norm!r}"
+        )
     if head is not None:
         model = RNNWithHead(model, head)
     params = [p for group in optimizer.param_groups for p in group["params"]]

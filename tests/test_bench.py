@@ -1,5 +1,6 @@
 """Smoke runs of the benchmarks and demos: they run and write their CSV, plots and summaries.
 Never timings."""
+
 import csv
 import importlib.util
 import math
@@ -24,8 +25,9 @@ def test_cpu_bench_quick_run(tmp_path):
 
 def load_script(name):
     """A bench script as a module (they are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"fused_bptt_bench_{name}",
-                                                  ROOT / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"fused_bptt_bench_{name}", ROOT / "bench" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,8 +45,9 @@ def test_demo_quick_run(tmp_path):
     assert (tmp_path / "demo.csv").read_text().count("\n") == len(rows["pulse"]) + 1
     assert (tmp_path / "demo_recall.csv").read_text().count("\n") == len(rows["recall"]) + 1
     assert rows["pulse"] and all(math.isfinite(r["eval_mse"]) for r in rows["pulse"])
-    assert rows["recall"] and all(0 <= r["eval_acc"] <= 1 and r["targets"] > 0
-                                  for r in rows["recall"])
+    assert rows["recall"] and all(
+        0 <= r["eval_acc"] <= 1 and r["targets"] > 0 for r in rows["recall"]
+    )
 
 
 @pytest.mark.slow

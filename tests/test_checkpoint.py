@@ -2,6 +2,7 @@
 nn.RNN, FusedRNN, nn.GRU and nn.LSTM at every segment length, only one segment's activations
 alive at a time, dropout replayed, and the errors for bad input.
 """
+
 import math
 
 import pytest
@@ -54,9 +55,13 @@ def unchunked(model, x, target, loss_fn, segment, h0=None, time_dim=0):
     model.zero_grad(set_to_none=True)
     pred, _ = model(x, h0)
     length = x.shape[time_dim]
-    loss = sum(loss_fn(pred.narrow(time_dim, s, min(segment, length - s)),
-                       target.narrow(time_dim, s, min(segment, length - s)))
-               for s in range(0, length, segment))
+    loss = sum(
+        loss_fn(
+            pred.narrow(time_dim, s, min(segment, length - s)),
+            target.narrow(time_dim, s, min(segment, length - s)),
+        )
+        for s in range(0, length, segment)
+    )
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -82,7 +87,7 @@ def test_gradients_equal_one_unchunked_backward(kind, segment):
     assert not loss.requires_grad
     torch.testing.assert_close(loss, want_loss, **TOL)
     for name, g, w in zip([n for n, _ in model.named_parameters()], got, want):
-        torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("kind", ["torch", "lstm", pytest.param(BACKENDS[0], id="fused")])
@@ -93,18 +98,24 @@ def test_batch_first_h0_and_input_gradients(kind):
     raw, target = data(T=17, batch_first=True, device=device)
     encoder = nn.Linear(3, 3, dtype=torch.float64).to(device)
     shape = (2, 4, 5)
-    h0 = tuple(torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
-               for _ in range(2 if kind == "lstm" else 1))
+    h0 = tuple(
+        torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
+        for _ in range(2 if kind == "lstm" else 1)
+    )
     if kind != "lstm":
         h0 = h0[0]
 
     def grads_of(run):
-        for t in (h0 if isinstance(h0, tuple) else (h0,)):
+        for t in h0 if isinstance(h0, tuple) else (h0,):
             t.grad = None
         encoder.zero_grad(set_to_none=True)
         loss, params = run(encoder(raw))
-        return [loss, *params, encoder.weight.grad.clone(),
-                *[t.grad.clone() for t in (h0 if isinstance(h0, tuple) else (h0,))]]
+        return [
+            loss,
+            *params,
+            encoder.weight.grad.clone(),
+            *[t.grad.clone() for t in (h0 if isinstance(h0, tuple) else (h0,))],
+        ]
 
     want = grads_of(lambda x: unchunked(model, x, target, sum_mse, 5, h0=h0, time_dim=1))
     got = grads_of(lambda x: checkpointed(model, x, target, sum_mse, 5, h0=h0, batch_first=True))
@@ -132,9 +143,9 @@ def test_dropout_masks_are_replayed_in_the_recomputation():
     torch.manual_seed(7)
     model.zero_grad(set_to_none=True)
     h, loss = None, 0
-    for s in range(0, 12, 5):                 # segments of 5, 5, 2, state not detached
-        pred, h = model(x[s:s + 5], h)
-        loss = loss + sum_mse(pred, target[s:s + 5])
+    for s in range(0, 12, 5):  # segments of 5, 5, 2, state not detached
+        pred, h = model(x[s : s + 5], h)
+        loss = loss + sum_mse(pred, target[s : s + 5])
     loss.backward()
     after_oracle = torch.get_rng_state()
     want = [p.grad.clone() for p in model.parameters()]
@@ -164,6 +175,7 @@ class SavedBytes:
 
             def __del__(self):
                 counter.live -= self.nbytes
+
         return Held()
 
     def hooks(self):
@@ -191,11 +203,12 @@ def test_no_grad_first_pass_and_segment_lengths():
     def model(x, h):
         calls.append((x.shape[0], torch.is_grad_enabled()))
         return inner(x, h)
+
     x, target = data(T=23)
     checkpointed_bptt(model, x, target, sum_mse, segment=10)
     assert calls == [(10, False), (10, False), (3, False), (3, True), (10, True), (10, True)]
     calls.clear()
-    checkpointed_bptt(model, x, target, sum_mse)             # default: round(sqrt(23)) = 5
+    checkpointed_bptt(model, x, target, sum_mse)  # default: round(sqrt(23)) = 5
     assert [n for n, grad in calls if grad] == [3, 5, 5, 5, 5]
 
 
@@ -225,8 +238,13 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match=r"h_n = None"):
         checkpointed_bptt(lambda x, h: (model(x, h)[0], None), x, target, sum_mse)
     with pytest.raises(RuntimeError, match=r"state changed shape between segments"):
-        checkpointed_bptt(lambda x, h: (lambda p, h_n: (p, h_n if h is None else h_n[0]))(
-            *model(x, h)), x, target, sum_mse, segment=3)
+        checkpointed_bptt(
+            lambda x, h: (lambda p, h_n: (p, h_n if h is None else h_n[0]))(*model(x, h)),
+            x,
+            target,
+            sum_mse,
+            segment=3,
+        )
     with pytest.raises(ValueError, match=r"x must be a tensor with time at dim 0"):
         checkpointed_bptt(model, [1, 2], target, sum_mse)
     model.requires_grad_(False)

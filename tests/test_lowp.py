@@ -10,6 +10,7 @@ Variants, forced through the environment switches the ops read on every call:
                                                  at every step too)
 The errors are measured by bench/accuracy_lowp.py, the script that makes the README's table.
 """
+
 import importlib.util
 from pathlib import Path
 
@@ -17,13 +18,12 @@ import pytest
 import torch
 
 import fused_bptt
-from fused_bptt import _ops, reference
-from fused_bptt.function import rnn_layer
-
 from conftest import LOW_PRECISION_DTYPES, assert_close, make_layer_inputs
+from fused_bptt import _ops, reference
 
-pytestmark = pytest.mark.skipif(not _ops.has_kernel("CPU"),
-                                reason="fused_bptt._C with CPU kernels is not built")
+pytestmark = pytest.mark.skipif(
+    not _ops.has_kernel("CPU"), reason="fused_bptt._C with CPU kernels is not built"
+)
 
 ops = torch.ops.fused_bptt if _ops.loaded() else None
 
@@ -47,8 +47,16 @@ NAMES = ("y", "dx", "dh0", "dW_ih", "dW_hh", "db")
 BOUNDS = {torch.bfloat16: 1.2e-2, torch.float16: 1.5e-3}
 # (T, B, I, H): T = 1 and B = 1, H around the vector widths (full tiles, single vectors, scalar
 # tail columns), H > 128 (k chunks), I != H.
-SHAPES = [(1, 1, 1, 1), (1, 3, 5, 17), (4, 1, 3, 65), (6, 5, 17, 3), (3, 6, 65, 17),
-          (5, 4, 8, 33), (3, 9, 4, 70), (5, 8, 7, 130)]
+SHAPES = [
+    (1, 1, 1, 1),
+    (1, 3, 5, 17),
+    (4, 1, 3, 65),
+    (6, 5, 17, 3),
+    (3, 6, 65, 17),
+    (5, 4, 8, 33),
+    (3, 9, 4, 70),
+    (5, 8, 7, 130),
+]
 dtype_ids = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
 
@@ -64,8 +72,10 @@ def norm_relative_error(a, b):
 
 def relative_errors(got, want, names=NAMES):
     """y: max-abs relative to max |y|; gradients: relative 2-norm (as bench/accuracy_lowp.py)."""
-    return {name: (max_relative_error if name == "y" else norm_relative_error)(a, b)
-            for name, a, b in zip(names, got, want)}
+    return {
+        name: (max_relative_error if name == "y" else norm_relative_error)(a, b)
+        for name, a, b in zip(names, got, want)
+    }
 
 
 def run_ops(inputs, relu, with_grad_h_n=True, seed=1):
@@ -134,7 +144,7 @@ def _float32_gemms(dtype):
     return dtype == torch.float16 or not _cpu_has("amx_bf16")
 
 
-def _exact_grid(shape, g, dtype, step=2.0 ** -6, top=8):
+def _exact_grid(shape, g, dtype, step=2.0**-6, top=8):
     """Random multiples of `step` in [-top, top] * step: products and sums of a few of them are
     exact in float32, so a GEMM over them gives the same bits in any summation order."""
     return (torch.randint(-top, top + 1, shape, generator=g) * step).to(dtype)
@@ -159,8 +169,9 @@ def test_state_is_rounded_once_per_step(monkeypatch, dtype, isa, relu):
     f = lambda t: t.float()  # noqa: E731
     h = h0
     for t in range(T):
-        h = ops.rnn_forward(f(x[t:t + 1]), f(h), f(w_ih), f(w_hh), f(b_ih), f(b_hh),
-                            relu)[0].to(dtype)
+        h = ops.rnn_forward(f(x[t : t + 1]), f(h), f(w_ih), f(w_hh), f(b_ih), f(b_hh), relu)[0].to(
+            dtype
+        )
         assert torch.equal(y[t], h), f"step {t}"
 
 
@@ -175,7 +186,10 @@ def test_one_step_backward_is_the_float32_one_rounded(monkeypatch, dtype, isa):
     x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(1, 6, 9, 37, dtype, seed=9)
     y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
     g = torch.Generator().manual_seed(10)
-    gy, ghn = torch.randn(1, 6, 37, generator=g).to(dtype), torch.randn(6, 37, generator=g).to(dtype)
+    gy, ghn = (
+        torch.randn(1, 6, 37, generator=g).to(dtype),
+        torch.randn(6, 37, generator=g).to(dtype),
+    )
     got = ops.rnn_backward(gy, x, h0, w_ih, w_hh, y, False, ghn)
     want = ops.rnn_backward(*[t.float() for t in (gy, x, h0, w_ih, w_hh, y)], False, ghn.float())
     for name, a, b in zip(NAMES[1:], got, want):
@@ -216,8 +230,11 @@ def _problem(dtype, shape, relu):
 def check_criterion(dtype, shape, relu=False):
     problem, want, nn_errs = _problem(dtype, shape, relu)
     fused = accuracy.errors(accuracy.run_impl("fused", *problem, relu=relu), want)
-    bad = {q: f"{fused[q]:.2e} vs nn.RNN {nn_errs[q]:.2e}" for q in accuracy.QUANTITIES
-           if not fused[q] <= 1.5 * nn_errs[q]}
+    bad = {
+        q: f"{fused[q]:.2e} vs nn.RNN {nn_errs[q]:.2e}"
+        for q in accuracy.QUANTITIES
+        if not fused[q] <= 1.5 * nn_errs[q]
+    }
     assert not bad, f"{dtype} {shape}: FusedRNN error above 1.5x nn.RNN's: {bad}"
 
 
@@ -250,6 +267,7 @@ def test_resets_and_lengths(monkeypatch, dtype, isa, mode, shape):
     """Sequence boundaries on every path, against the float64 per-step loop of test_varlen.py:
     normwise within the dtype's bound; padded steps exactly zero, h_n each row's last state."""
     from test_varlen import grads_of, loop_layer, random_bounds
+
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
     T, B, I, H = shape
@@ -262,13 +280,17 @@ def test_resets_and_lengths(monkeypatch, dtype, isa, mode, shape):
     assert (y[padded] == 0).all()
     assert torch.equal(h_n, y[lengths - 1, torch.arange(B)])
     names = ("y", "dx", "dh0", "dW_ih", "dW_hh", "db_ih", "db_hh")
-    errs = relative_errors([y, *grads_of((y, h_n), args)],
-                           [y_ref, *grads_of((y_ref.to(dtype), h_ref.to(dtype)), ref_in)], names)
+    errs = relative_errors(
+        [y, *grads_of((y, h_n), args)],
+        [y_ref, *grads_of((y_ref.to(dtype), h_ref.to(dtype)), ref_in)],
+        names,
+    )
     bad = {k: v for k, v in errs.items() if not v <= BOUNDS[dtype]}
     assert not bad, f"errors above {BOUNDS[dtype]:.1e}: {bad}"
 
 
 # ---- op properties ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -278,8 +300,10 @@ def test_opcheck(dtype, bias):
     torch.library.opcheck(torch.ops.fused_bptt.rnn_forward.default, fwd_args)
     y = torch.ops.fused_bptt.rnn_forward(*fwd_args)
     grad_h_n = torch.randn(3, 6).to(dtype)
-    torch.library.opcheck(torch.ops.fused_bptt.rnn_backward.default,
-                          (torch.randn_like(y), x, h0, w_ih, w_hh, y, True, grad_h_n))
+    torch.library.opcheck(
+        torch.ops.fused_bptt.rnn_backward.default,
+        (torch.randn_like(y), x, h0, w_ih, w_hh, y, True, grad_h_n),
+    )
 
 
 @pytest.mark.parametrize("mode", GEMM_MODES)
@@ -306,9 +330,11 @@ def test_strided_inputs_and_gradients(monkeypatch, dtype, mode):
     y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
     assert torch.equal(ops.rnn_forward(x_s, h0, w_ih, w_hh_t, b_ih, b_hh, False), y)
     g = torch.randn(T, 2 * B, H).to(dtype)
-    grads = {"transposed": torch.randn(B, T, H).to(dtype).transpose(0, 1),
-             "expanded": torch.ones(1, 1, 1, dtype=dtype).expand(T, B, H),
-             "sliced rows": g[:, ::2]}
+    grads = {
+        "transposed": torch.randn(B, T, H).to(dtype).transpose(0, 1),
+        "expanded": torch.ones(1, 1, 1, dtype=dtype).expand(T, B, H),
+        "sliced rows": g[:, ::2],
+    }
     grad_h_n = torch.randn(B, H).to(dtype)
     for name, gy in grads.items():
         for gh in (None, grad_h_n):
@@ -322,22 +348,28 @@ def test_bad_dtypes_name_the_supported_ones():
     x, h0, w_ih, w_hh, _, _ = make_layer_inputs(3, 2, 4, 5, torch.float32)
     for dtype in (torch.float8_e4m3fn, torch.int32):
         args = [t.to(dtype) for t in (x, h0, w_ih, w_hh)]
-        with pytest.raises(RuntimeError,
-                           match="x must be float32, float64, bfloat16 or float16, but got"):
+        with pytest.raises(
+            RuntimeError, match="x must be float32, float64, bfloat16 or float16, but got"
+        ):
             ops.rnn_forward(*args, None, None, False)
         for backend in ("auto", "cpp", "reference"):
-            with pytest.raises(TypeError, match=f"x has dtype {dtype}, which no backend runs; "
-                                                "the kernels take float32, float64, bfloat16"):
+            with pytest.raises(
+                TypeError,
+                match=f"x has dtype {dtype}, which no backend runs; "
+                "the kernels take float32, float64, bfloat16",
+            ):
                 fused_bptt.rnn_tanh(*args, backend=backend)
     rnn = fused_bptt.FusedRNN(4, 5).to(torch.float8_e4m3fn)
     with pytest.raises(TypeError, match="which no backend runs"):
         rnn(x.to(torch.float8_e4m3fn))
     with pytest.raises(RuntimeError, match="h0 must have dtype BFloat16"):
-        ops.rnn_forward(x.bfloat16(), h0.half(), w_ih.bfloat16(), w_hh.bfloat16(), None, None,
-                        False)
+        ops.rnn_forward(
+            x.bfloat16(), h0.half(), w_ih.bfloat16(), w_hh.bfloat16(), None, None, False
+        )
 
 
 # ---- FusedRNN and autocast -------------------------------------------------------------------
+
 
 def _ran_fused_ops(fn):
     """fn()'s result, and whether the compiled forward and backward ops ran (and the reference
@@ -365,9 +397,11 @@ def test_fused_rnn_in_low_precision_runs_the_kernels(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
-@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=True,
-                                                 batch_first=True, nonlinearity="relu")],
-                         ids=["1 layer", "2 layers bidirectional relu"])
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(num_layers=2, bidirectional=True, batch_first=True, nonlinearity="relu")],
+    ids=["1 layer", "2 layers bidirectional relu"],
+)
 def test_autocast_runs_the_fused_kernels_with_nn_rnn_policy(dtype, config):
     """Under torch.autocast("cpu"): the output dtype of nn.RNN, its values within the dtype's
     rounding, float32 parameter gradients close to nn.RNN's, and the compiled ops ran."""

@@ -5,6 +5,7 @@ gradcheck, gradgradcheck with batched grads, and every error input with nn.RNN's
 The module_db samples are unbatched ([T, I] input) and PackedSequence input, both nonlinearities,
 with and without bias, batch_first and bidirectional, two layers.
 """
+
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -14,30 +15,42 @@ from fused_bptt import FusedRNN
 
 common_modules = pytest.importorskip(
     "torch.testing._internal.common_modules",
-    reason="PyTorch's module tests need the expecttest package (pip install expecttest)")
+    reason="PyTorch's module tests need the expecttest package (pip install expecttest)",
+)
 RNN_INFO = next(m for m in common_modules.module_db if m.module_cls is torch.nn.RNN)
 BACKENDS = [b for b in fused_bptt.available_backends() if b != "cuda"]
 
 
 def samples():
-    return RNN_INFO.module_inputs_func(RNN_INFO, device="cpu", dtype=torch.float64,
-                                       requires_grad=True, training=True,
-                                       with_packed_sequence=True)
+    return RNN_INFO.module_inputs_func(
+        RNN_INFO,
+        device="cpu",
+        dtype=torch.float64,
+        requires_grad=True,
+        training=True,
+        with_packed_sequence=True,
+    )
 
 
 def error_inputs():
-    return RNN_INFO.module_error_inputs_func(RNN_INFO, device="cpu", dtype=torch.float64,
-                                             requires_grad=False, training=True)
+    return RNN_INFO.module_error_inputs_func(
+        RNN_INFO, device="cpu", dtype=torch.float64, requires_grad=False, training=True
+    )
 
 
 def sample_id(sample):
     kw = sample.constructor_input.kwargs
     packed = isinstance(sample.forward_input.args[0], PackedSequence)
-    return "-".join([kw["nonlinearity"], "bias" if kw["bias"] else "nobias",
-                     "bf" if kw["batch_first"] else "tf", "bi" if kw["bidirectional"] else "uni",
-                     "hx" if len(sample.forward_input.args) > 1 else "nohx"]
-                    + ([f"packed{sample.forward_input.args[0].batch_sizes[0].item()}"]
-                       if packed else []))
+    return "-".join(
+        [
+            kw["nonlinearity"],
+            "bias" if kw["bias"] else "nobias",
+            "bf" if kw["batch_first"] else "tf",
+            "bi" if kw["bidirectional"] else "uni",
+            "hx" if len(sample.forward_input.args) > 1 else "nohx",
+        ]
+        + ([f"packed{sample.forward_input.args[0].batch_sizes[0].item()}"] if packed else [])
+    )
 
 
 SAMPLES = samples()
@@ -71,12 +84,14 @@ def test_module_db_sample(sample, backend):
     tensor_args = (packed.data, *args[1:]) if packed is not None else args
 
     def functional(*inputs):
-        forward_args, p = list(inputs[:len(args)]), inputs[len(args):]
+        forward_args, p = list(inputs[: len(args)]), inputs[len(args) :]
         if packed is not None:
-            forward_args[0] = PackedSequence(forward_args[0], packed.batch_sizes,
-                                             packed.sorted_indices, packed.unsorted_indices)
-        return tensors_of(torch.func.functional_call(fused, dict(zip(names, p)),
-                                                     tuple(forward_args)))
+            forward_args[0] = PackedSequence(
+                forward_args[0], packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+            )
+        return tensors_of(
+            torch.func.functional_call(fused, dict(zip(names, p)), tuple(forward_args))
+        )
 
     inputs = (*tensor_args, *params)
     assert torch.autograd.gradcheck(functional, inputs, check_batched_grad=True)

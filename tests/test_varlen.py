@@ -3,6 +3,7 @@
 The per-step loops here are written independently of fused_bptt.reference: one nn.RNN step at a
 time, zeroing the state where a reset says so and keeping it past a row's length.
 """
+
 import itertools
 
 import pytest
@@ -11,8 +12,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_bptt
-from fused_bptt import FusedRNN
 from conftest import assert_close, make_layer_inputs
+from fused_bptt import FusedRNN
 
 BACKENDS = [b for b in fused_bptt.available_backends() if b != "cuda"]
 F64 = torch.float64
@@ -49,8 +50,9 @@ def grads_of(outputs, inputs, seed=1):
     g = torch.Generator().manual_seed(seed)
     weights = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outputs]
     loss = sum((o * w).sum() for o, w in zip(outputs, weights))
-    return torch.autograd.grad(loss, [i for i in inputs if i is not None], allow_unused=True,
-                               retain_graph=True)
+    return torch.autograd.grad(
+        loss, [i for i in inputs if i is not None], allow_unused=True, retain_graph=True
+    )
 
 
 OP_CASES = [  # T, B, I, H, resets, lengths, special
@@ -58,9 +60,9 @@ OP_CASES = [  # T, B, I, H, resets, lengths, special
     (6, 5, 3, 7, True, False, None),
     (6, 5, 3, 7, False, True, None),
     (9, 7, 4, 9, True, True, None),
-    (5, 3, 2, 5, True, False, "t0"),      # a reset at t = 0 on every row
-    (5, 3, 2, 5, True, True, "all"),      # every row reset at once, mid-sequence
-    (7, 9, 3, 13, True, True, "full"),   # every length is T
+    (5, 3, 2, 5, True, False, "t0"),  # a reset at t = 0 on every row
+    (5, 3, 2, 5, True, True, "all"),  # every row reset at once, mid-sequence
+    (7, 9, 3, 13, True, True, "full"),  # every length is T
 ]
 
 
@@ -70,8 +72,10 @@ OP_CASES = [  # T, B, I, H, resets, lengths, special
 @pytest.mark.parametrize("grad_h_n", [False, True], ids=["gy", "gy+ghn"])
 def test_op_against_loop(backend, relu, case, grad_h_n):
     T, B, I, H, with_r, with_l, special = case
-    args = [t.requires_grad_() if t is not None else t
-            for t in make_layer_inputs(T, B, I, H, F64, seed=T * B)]
+    args = [
+        t.requires_grad_() if t is not None else t
+        for t in make_layer_inputs(T, B, I, H, F64, seed=T * B)
+    ]
     resets, lengths = random_bounds(T, B, seed=H, with_resets=with_r, with_lengths=with_l)
     if special == "t0":
         resets[0] = True
@@ -85,8 +89,9 @@ def test_op_against_loop(backend, relu, case, grad_h_n):
     assert_close(y, y_ref, name="y")
     assert_close(h_n, h_ref, name="h_n")
     outs, refs = ((y, h_n), (y_ref, h_ref)) if grad_h_n else ((y,), (y_ref,))
-    for name, g, r in zip("x h0 w_ih w_hh b_ih b_hh".split(), grads_of(outs, args),
-                          grads_of(refs, args)):
+    for name, g, r in zip(
+        "x h0 w_ih w_hh b_ih b_hh".split(), grads_of(outs, args), grads_of(refs, args)
+    ):
         assert_close(g, r, name=f"d{name}")
 
 
@@ -100,7 +105,7 @@ def test_op_reset_cuts_gradient(backend):
     y, _ = fused_bptt.rnn_tanh(x, h0, w_ih, w_hh, b_ih, b_hh, resets=resets, backend=backend)
     (dx,) = torch.autograd.grad(y[3:, 0].sum(), x)
     assert dx[:3, 0].abs().max() == 0 and dx[3:, 0].abs().max() > 0
-    assert dx[:3, 1].abs().max() == 0          # row 1 does not feed row 0
+    assert dx[:3, 1].abs().max() == 0  # row 1 does not feed row 0
     assert torch.equal(y[5:, 1] != 0, torch.ones_like(y[5:, 1], dtype=torch.bool))
 
 
@@ -129,12 +134,13 @@ def module_loop(ref: nn.RNN, x, h0, resets):
         outs = []
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            w = [getattr(ref, f"{n}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih",
-                                                      "bias_hh")]
+            w = [
+                getattr(ref, f"{n}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            ]
             act = torch.relu if ref.nonlinearity == "relu" else torch.tanh
             h = h0[layer * D + d]
             ys = [None] * T
-            for t in (range(T) if d == 0 else reversed(range(T))):
+            for t in range(T) if d == 0 else reversed(range(T)):
                 if d == 0:
                     h = h * (~resets[t]).unsqueeze(-1)
                 h = act(layer_in[t] @ w[0].t() + w[2] + h @ w[1].t() + w[3])
@@ -148,9 +154,10 @@ def module_loop(ref: nn.RNN, x, h0, resets):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layers,bidir,batch_first,nonlin",
-                         list(itertools.product([1, 2], [False, True], [False, True],
-                                                ["tanh", "relu"])))
+@pytest.mark.parametrize(
+    "layers,bidir,batch_first,nonlin",
+    list(itertools.product([1, 2], [False, True], [False, True], ["tanh", "relu"])),
+)
 def test_module_resets_against_loop(backend, layers, bidir, batch_first, nonlin):
     torch.manual_seed(layers + 2 * bidir)
     T, B, I, H = 7, 5, 3, 5
@@ -177,14 +184,16 @@ def test_module_resets_against_loop(backend, layers, bidir, batch_first, nonlin)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layers,bidir,batch_first,sorted_,nonlin",
-                         list(itertools.product([1, 2], [False, True], [False, True],
-                                                [False, True], ["tanh", "relu"])))
+@pytest.mark.parametrize(
+    "layers,bidir,batch_first,sorted_,nonlin",
+    list(itertools.product([1, 2], [False, True], [False, True], [False, True], ["tanh", "relu"])),
+)
 def test_packed_against_nn_rnn(backend, layers, bidir, batch_first, sorted_, nonlin):
     torch.manual_seed(layers + 2 * bidir + 4 * batch_first)
     T, B, I, H = 6, 5, 3, 5
-    ref = nn.RNN(I, H, layers, nonlinearity=nonlin, bidirectional=bidir,
-                 batch_first=batch_first, dtype=F64)
+    ref = nn.RNN(
+        I, H, layers, nonlinearity=nonlin, bidirectional=bidir, batch_first=batch_first, dtype=F64
+    )
     rnn = FusedRNN.from_rnn(ref, backend=backend)
     lengths = torch.tensor([6, 6, 4, 2, 1] if sorted_ else [3, 6, 1, 6, 4])
     x = torch.randn(*((B, T) if batch_first else (T, B)), I, dtype=F64, requires_grad=True)
@@ -194,8 +203,10 @@ def test_packed_against_nn_rnn(backend, layers, bidir, batch_first, sorted_, non
     out_ref, h_ref = ref(packed, h0)
     assert isinstance(out, nn.utils.rnn.PackedSequence)
     assert torch.equal(out.batch_sizes, out_ref.batch_sizes)
-    for a, b in ((out.sorted_indices, out_ref.sorted_indices),
-                 (out.unsorted_indices, out_ref.unsorted_indices)):
+    for a, b in (
+        (out.sorted_indices, out_ref.sorted_indices),
+        (out.unsorted_indices, out_ref.unsorted_indices),
+    ):
         assert (a is None and b is None) or torch.equal(a, b)
     assert_close(out.data, out_ref.data, name="output")
     assert_close(h_n, h_ref, name="h_n")
@@ -226,19 +237,31 @@ def test_packed_without_hx_and_errors_match_nn_rnn():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_boundaries(backend):
     x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(4, 3, 2, 5, F64)
-    call = lambda **kw: fused_bptt.rnn_tanh(x, h0, w_ih, w_hh, b_ih, b_hh, backend=backend, **kw)
+
+    def call(**kw):
+        return fused_bptt.rnn_tanh(x, h0, w_ih, w_hh, b_ih, b_hh, backend=backend, **kw)
+
     with pytest.raises(TypeError, match=r"resets must be a bool tensor \[T, B\].*got dtype"):
         call(resets=torch.zeros(4, 3))
-    with pytest.raises(ValueError, match=r"resets must have shape \[T, B\] = \(4, 3\), but got "
-                                         r"\(3, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"resets must have shape \[T, B\] = \(4, 3\), but got "
+        r"\(3, 4\)",
+    ):
         call(resets=torch.zeros(3, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match=r"lengths must be an int64 tensor \[B\].*torch.float32"):
         call(lengths=torch.ones(3))
-    with pytest.raises(ValueError, match=r"lengths must have shape \[B\] = \(3,\), but got "
-                                         r"\(4,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"lengths must have shape \[B\] = \(3,\), but got "
+        r"\(4,\)",
+    ):
         call(lengths=torch.ones(4, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"lengths must lie in 1..T = 1..4, but got values from "
-                                         r"0 to 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"lengths must lie in 1..T = 1..4, but got values from "
+        r"0 to 2",
+    ):
         call(lengths=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"1..4, but got values from 1 to 5"):
         call(lengths=torch.tensor([1, 5, 2]))
@@ -258,14 +281,21 @@ def test_cpp_kernel_checks_boundaries():
     op = torch.ops.fused_bptt.rnn_forward
     with pytest.raises(RuntimeError, match="resets must be a bool tensor"):
         op(x, h0, w_ih, w_hh, b_ih, b_hh, False, torch.zeros(4, 3))
-    with pytest.raises(RuntimeError, match=r"lengths must lie in 1..T = 1..4, but got values "
-                                           r"from 1 to 9"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"lengths must lie in 1..T = 1..4, but got values "
+        r"from 1 to 9",
+    ):
         op(x, h0, w_ih, w_hh, b_ih, b_hh, False, None, torch.tensor([1, 9, 2]))
     y = op(x, h0, w_ih, w_hh, b_ih, b_hh, False)
-    with pytest.raises(RuntimeError, match=r"lengths must have shape \[2\]|lengths must have "
-                                           r"shape \[3\]"):
-        torch.ops.fused_bptt.rnn_backward(y, x, h0, w_ih, w_hh, y, False, None, None,
-                                          torch.tensor([1, 2]))
+    with pytest.raises(
+        RuntimeError,
+        match=r"lengths must have shape \[2\]|lengths must have "
+        r"shape \[3\]",
+    ):
+        torch.ops.fused_bptt.rnn_backward(
+            y, x, h0, w_ih, w_hh, y, False, None, None, torch.tensor([1, 2])
+        )
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled CPU kernels are not built")
