@@ -130,8 +130,12 @@ bool blas_lowp_available(GemmMode mode) {
 template <typename S>
 bool lowp_blas_is_fast() {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
+#if defined(__x86_64__) || defined(__i386__)
     static const bool amx = __builtin_cpu_supports("amx-bf16");
     return amx;
+#else
+    return false;
+#endif
   } else {
     return false;
   }

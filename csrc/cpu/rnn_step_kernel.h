@@ -24,6 +24,14 @@
 // 119, float32 127). float16 has no float32-accumulating dot product before AVX10.2 anyway.
 #pragma once
 
+// The AVX-512 and AVX2 variants (target pragmas, intrinsics, __builtin_cpu_supports) exist on x86
+// only; every CPU has the baseline variant.
+#if defined(__x86_64__) || defined(__i386__)
+#define FUSED_BPTT_X86 1
+#else
+#define FUSED_BPTT_X86 0
+#endif
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
