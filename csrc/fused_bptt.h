@@ -79,16 +79,4 @@ RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, co
 
 using RnnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The op schemas, registered by csrc/ops.cpp into the namespace fused_bptt (and by the emulated CUDA
-// build of the tests into its own namespace).
-// y [T, B, H] = the outputs h_1..h_T of one layer.
-inline constexpr const char* kRnnForwardSchema =
-    "rnn_forward(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-    "Tensor? bias_hh, bool relu, Tensor? resets=None, Tensor? lengths=None) -> Tensor";
-// (dx, dh0, dW_ih, dW_hh, db) from grad_y (+ grad_h_n at each row's last step) and the saved y.
-inline constexpr const char* kRnnBackwardSchema =
-    "rnn_backward(Tensor grad_y, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, "
-    "Tensor y, bool relu, Tensor? grad_h_n=None, Tensor? resets=None, Tensor? lengths=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)";
-
 }  // namespace fused_bptt
