@@ -23,6 +23,7 @@ import importlib
 import os
 import re
 import subprocess
+import sys
 
 from setuptools import setup
 
@@ -183,17 +184,29 @@ def build_info_define(torch_version):
     return "-DFUSED_BPTT_BUILD_INFO_CHARS=" + ",".join(str(ord(c)) for c in text)
 
 
+def openmp_flags(platform=sys.platform):
+    """(compile, link) flags for OpenMP, which ATen's inline at::parallel_for needs in our own
+    translation units to use threads: GCC on Linux, MSVC on Windows; Apple's clang has no
+    -fopenmp, so there the CPU loops run on one thread (said in the configuration print-out)."""
+    if platform.startswith("linux"):
+        return ["-fopenmp"], ["-fopenmp"]
+    if platform == "win32":
+        return ["/openmp"], []
+    return [], []
+
+
 def extension(environ=os.environ):
     torch = import_build_torch()
     check_torch_version(torch.__version__, torch_requirement(), environ)
     from torch.utils import cpp_extension
 
     opt = ["-O0", "-g"] if environ.get("FUSED_BPTT_DEBUG") == "1" else ["-O3"]
-    cxx = [CXX_STANDARD, *opt, "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    omp_compile, omp_link = openmp_flags()
+    cxx = [CXX_STANDARD, *opt, *omp_compile, "-Wall", "-Wextra", "-Wno-unused-parameter"]
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")  # csrc/build_info.cpp among them
     with_cuda, why = want_cuda(environ, torch.version.cuda, cpp_extension.CUDA_HOME, torch.__version__)
     kwargs = dict(extra_compile_args={"cxx": [*cxx, build_info_define(torch.__version__)]},
-                  extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
+                  extra_link_args=omp_link, include_dirs=[os.path.join(ROOT, "csrc")])
     if with_cuda:
         sources += rel("csrc/cuda/*.cu")
         arch_flags, archs = cuda_arch_flags(environ)
@@ -207,6 +220,7 @@ def extension(environ=os.environ):
     print(f"  torch   : {torch.__version__} at {os.path.dirname(torch.__file__)}")
     print(f"  CPU ops : yes ({len(rel('csrc/cpu/*.cpp'))} source file(s))")
     print(f"  CUDA ops: {'yes' if with_cuda else 'no'} ({why})")
+    print(f"  OpenMP  : {'yes' if omp_compile else 'no (the CPU loops run on one thread)'}")
     print(f"  flags   : {' '.join(cxx)}")
     return ext
 

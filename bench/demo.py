@@ -45,9 +45,9 @@ run without its compiled kernels unless told `--backend reference`.
     python bench/demo.py --quick         # seconds: a smoke run (the tests call it)
 """
 import argparse
-import csv
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, List, NamedTuple
@@ -61,9 +61,11 @@ try:
 except ImportError as error:
     raise SystemExit(f"demo: cannot import fused_bptt ({error}); the demo runs the installed "
                      f"package: pip install --no-build-isolation . in the checkout")
-from fused_bptt import FusedRNN, available_backends
-from fused_bptt.function import resolve_backend
-from fused_bptt.tbptt import RNNWithHead, StatefulTBPTT, StatelessTBPTT, train_tbptt
+from fused_bptt import (FusedRNN, RNNWithHead, StatefulTBPTT, StatelessTBPTT,
+                        available_backends, train_tbptt)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_util import format_table, write_csv  # noqa: E402
 
 
 def parse_args(argv):
@@ -190,17 +192,22 @@ def make_tasks(args):
 
 def check_backend(args):
     """The backend FusedRNN will run here; exits if that is the slow reference by default."""
-    probe = torch.zeros(1, 1, 1, device=args.device)
-    try:
-        used = resolve_backend(args.backend, probe)
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise SystemExit(f"demo: {error}")
+    available = available_backends()
+    wanted = "cuda" if args.device.startswith("cuda") else "cpp"
+    if args.backend not in ("auto", *available):
+        raise SystemExit(f"demo: --backend {args.backend!r} is not available here; available "
+                         f"backends: {available} (or 'auto')")
+    used = wanted if args.backend == "auto" and wanted in available else args.backend
+    if used == "auto":
+        used = "reference"           # what backend="auto" runs when the kernels are missing
+    if used not in ("reference", wanted):
+        raise SystemExit(f"demo: --backend {used!r} does not run {args.device} tensors; use "
+                         f"{wanted!r}, 'auto' or 'reference'")
     if used == "reference" and args.backend != "reference":
         raise SystemExit(
             f"demo: FusedRNN would run the slow pure-PyTorch reference backend on {args.device}: "
             f"fused_bptt imported from {Path(fused_bptt.__file__).parent} has the backends "
-            f"{available_backends()}, but the demo needs "
-            f"{'cuda' if args.device.startswith('cuda') else 'cpp'}. Install the package with its "
+            f"{available}, but the demo needs {wanted}. Install the package with its "
             f"compiled kernels (pip install --no-build-isolation . in the checkout) and run the "
             f"demo as `python bench/demo.py`, or pass --backend reference to time the reference")
     return used
@@ -331,23 +338,6 @@ def time_updates(args, task):
         print(f"timing k={k}: nn.RNN {ms['torch']:.3f} ms/update, FusedRNN {ms['fused']:.3f} "
               f"ms/update, speedup {ms['torch'] / ms['fused']:.2f}x", flush=True)
     return results
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def format_table(rows):
-    keys = list(rows[0])
-    cells = [[f"{r[key]:.4f}" if isinstance(r[key], float) else str(r[key]) for key in keys]
-             for r in rows]
-    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
-    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def plot(path, args, pulse, recall):
