@@ -246,11 +246,17 @@ def _grads_after(model, x):
     return out.detach(), grads
 
 
-def test_compile_fullgraph_one_graph_over_two_lengths(backend, monkeypatch):
+def test_compile_fullgraph_one_graph_over_two_lengths(backend):
     """allow_rnn=True is Dynamo's own switch for RNN modules (nn.RNN needs it too)."""
     if backend == "reference":
         pytest.skip("the reference is a Python loop over T: each length is a graph of its own")
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
+    # config.patch, not monkeypatch: pytest 9.2's monkeypatch undoes by deleting the attribute,
+    # which hides the key in torch's config module for every later test (export, ONNX).
+    with torch._dynamo.config.patch(allow_rnn=True):
+        _one_graph_over_two_lengths(backend)
+
+
+def _one_graph_over_two_lengths(backend):
     torch._dynamo.reset()
     model = LinearRNNHead(backend)
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
