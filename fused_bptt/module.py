@@ -122,51 +122,17 @@ class FusedRNN(nn.RNN):
             raise ValueError(
                 f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
             )
-        num_directions = 2 if self.bidirectional else 1
         is_batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if resets is not None:
             resets = _resets_time_major(resets, input, self.batch_first)
-        if not is_batched:
-            input = input.unsqueeze(batch_dim)
-            if hx is not None:
-                if hx.dim() != 2:
-                    raise RuntimeError(
-                        f"For unbatched 2-D input, hx should also be 2-D but got "
-                        f"{hx.dim()}-D tensor"
-                    )
-                hx = hx.unsqueeze(1)
-        elif hx is not None and hx.dim() != 3:
-            raise RuntimeError(
-                f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
-            )
-        weights = [getattr(self, name) for name in self._flat_weights_names]
-        # Autocast: nn.RNN's policy (its op is on autocast's lower-precision list): floating
-        # tensors other than float64 run in the autocast dtype, and so does the output.
-        autocast = torch.is_autocast_enabled(input.device.type)
-        if autocast:
-            low = torch.get_autocast_dtype(input.device.type)
-            input, hx, *weights = [_autocast_cast(t, low) for t in (input, hx, *weights)]
+        input, hx = _batched(input, hx, batch_dim)
+        input, hx, weights, autocast = self._autocast_args(input, hx)
         if hx is None:
-            hx = torch.zeros(
-                self.num_layers * num_directions,
-                input.size(batch_dim),
-                self.hidden_size,
-                dtype=input.dtype,
-                device=input.device,
-            )
-        if input.dtype != weights[0].dtype:
-            raise ValueError(
-                f"RNN input dtype ({input.dtype}) does not match weight dtype "
-                f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
-                f"or convert model: model.to({input.dtype})"
-            )
+            hx = self._zero_state(input.size(batch_dim), input)
+        _check_input_dtype(input, weights)
         self._check_sizes(input, hx)
-        if hx.dtype != input.dtype:
-            raise ValueError(
-                f"RNN hx dtype ({hx.dtype}) does not match input dtype "
-                f"({input.dtype}). Convert it: hx.to({input.dtype})"
-            )
+        _check_hx_dtype(hx, input)
         if self.batch_first:
             input = input.transpose(0, 1)
         if input.size(0) == 0:
@@ -184,6 +150,28 @@ class FusedRNN(nn.RNN):
             output = output.squeeze(batch_dim)
             h_n = h_n.squeeze(1)
         return output, h_n
+
+    def _autocast_args(self, input: Tensor, hx: Optional[Tensor]):
+        """(input, hx, weights in nn.RNN's order, whether autocast is on). Under autocast, nn.RNN's
+        policy (its op is on autocast's lower-precision list): floating tensors other than
+        float64 run in the autocast dtype, and so does the output."""
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        autocast = torch.is_autocast_enabled(input.device.type)
+        if autocast:
+            low = torch.get_autocast_dtype(input.device.type)
+            input, hx, *weights = [_autocast_cast(t, low) for t in (input, hx, *weights)]
+        return input, hx, weights, autocast
+
+    def _zero_state(self, batch: int, like: Tensor) -> Tensor:
+        """nn.RNN's default hx: zeros [num_layers * num_directions, batch, H]."""
+        num_directions = 2 if self.bidirectional else 1
+        return torch.zeros(
+            self.num_layers * num_directions,
+            batch,
+            self.hidden_size,
+            dtype=like.dtype,
+            device=like.device,
+        )
 
     def _check_sizes(self, input: Tensor, hx: Tensor) -> None:
         """nn.RNN's size checks and messages (check_input / check_hidden_size), input batched."""
@@ -274,6 +262,41 @@ class _Reversal:
         return t.gather(0, self.index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
+def _batched(input: Tensor, hx: Optional[Tensor], batch_dim: int):
+    """Unbatched input ([T, I], hx [L*D, H]) as a batch of one; nn.RNN's checks of hx's rank."""
+    if input.dim() == 2:
+        if hx is not None:
+            if hx.dim() != 2:
+                raise RuntimeError(
+                    f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                )
+            hx = hx.unsqueeze(1)
+        return input.unsqueeze(batch_dim), hx
+    if hx is not None and hx.dim() != 3:
+        raise RuntimeError(
+            f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+        )
+    return input, hx
+
+
+def _check_input_dtype(input: Tensor, weights) -> None:
+    """nn.RNN's error for an input whose dtype is not the weights'."""
+    if input.dtype != weights[0].dtype:
+        raise ValueError(
+            f"RNN input dtype ({input.dtype}) does not match weight dtype "
+            f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
+            f"or convert model: model.to({input.dtype})"
+        )
+
+
+def _check_hx_dtype(hx: Tensor, input: Tensor) -> None:
+    if hx.dtype != input.dtype:
+        raise ValueError(
+            f"RNN hx dtype ({hx.dtype}) does not match input dtype "
+            f"({input.dtype}). Convert it: hx.to({input.dtype})"
+        )
+
+
 def _resets_time_major(resets, input: Tensor, batch_first: bool) -> Tensor:
     """resets as the bool [T, B] the layers take, from the layout of `input`."""
     batched = input.dim() == 3
@@ -308,35 +331,12 @@ def forward_packed(
     batch in the packed (length-descending) order, each with its length, so a row stops at its
     own last step; the output is packed again and h_n put back in the caller's order."""
     data, batch_sizes, sorted_indices, unsorted_indices = packed
-    num_directions = 2 if rnn.bidirectional else 1
     max_batch = int(batch_sizes[0])
-    if hx is None:
-        hx = torch.zeros(
-            rnn.num_layers * num_directions,
-            max_batch,
-            rnn.hidden_size,
-            dtype=data.dtype,
-            device=data.device,
-        )
-    else:
-        hx = rnn.permute_hidden(hx, sorted_indices)
-    weights = [getattr(rnn, name) for name in rnn._flat_weights_names]
-    autocast = torch.is_autocast_enabled(data.device.type)
-    if autocast:
-        low = torch.get_autocast_dtype(data.device.type)
-        data, hx, *weights = [_autocast_cast(t, low) for t in (data, hx, *weights)]
-    if data.dtype != weights[0].dtype:
-        raise ValueError(
-            f"RNN input dtype ({data.dtype}) does not match weight dtype "
-            f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
-            f"or convert model: model.to({data.dtype})"
-        )
+    hx = rnn._zero_state(max_batch, data) if hx is None else rnn.permute_hidden(hx, sorted_indices)
+    data, hx, weights, autocast = rnn._autocast_args(data, hx)
+    _check_input_dtype(data, weights)
     rnn.check_forward_args(data, hx, batch_sizes)
-    if hx.dtype != data.dtype:
-        raise ValueError(
-            f"RNN hx dtype ({hx.dtype}) does not match input dtype "
-            f"({data.dtype}). Convert it: hx.to({data.dtype})"
-        )
+    _check_hx_dtype(hx, data)
     # Packed row p is (t, b) of the padded batch, in row-major order: one index_copy pads, one
     # index_select packs again (pad_packed_sequence / pack_padded_sequence copy step by step,
     # and cost more than the layer).
