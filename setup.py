@@ -18,11 +18,13 @@ why and which variable to set. FORCE_CUDA=1 makes any of that an error, FORCE_CU
 Whether a GPU is present at build time is never consulted. A compile error fails the install.
 setup.py reads the environment and never writes to it.
 """
+
 import glob
 import importlib
 import os
 import re
 import subprocess
+import sys
 
 from setuptools import setup
 
@@ -54,16 +56,23 @@ def import_build_torch(import_module=importlib.import_module):
     try:
         torch = import_module("torch")
     except ImportError as error:
-        raise BuildStop(f"cannot import torch here ({error}): pip's default isolated build does not "
-                        f"see your installed torch. Install torch, then {BUILD_FIX}") from None
+        raise BuildStop(
+            f"cannot import torch here ({error}): pip's default isolated build does not "
+            f"see your installed torch. Install torch, then {BUILD_FIX}"
+        ) from None
     location = os.path.dirname(os.path.abspath(torch.__file__))
     if BUILD_ENV_PATH.search(location):
-        raise BuildStop(f"torch {torch.__version__} at {location} is a temporary build "
-                        f"environment's, not the one fused_bptt will run with: {BUILD_FIX}")
+        raise BuildStop(
+            f"torch {torch.__version__} at {location} is a temporary build "
+            f"environment's, not the one fused_bptt will run with: {BUILD_FIX}"
+        )
     return torch
 
 
-def torch_requirement(pyproject=os.path.join(ROOT, "pyproject.toml")):
+PYPROJECT = os.path.join(ROOT, "pyproject.toml")
+
+
+def torch_requirement(pyproject=PYPROJECT):
     """The torch range of pyproject.toml's [project] dependencies, e.g. ">=2.13.0,<=2.15.0"."""
     with open(pyproject, encoding="utf-8") as f:
         found = re.search(r'^dependencies\s*=\s*\[\s*"torch\s*([^";]+)"', f.read(), re.M)
@@ -83,8 +92,13 @@ def release(version):
 def in_range(version, requirement):
     """Whether `version` satisfies `requirement` (comma-separated >=, <=, >, <, == clauses). The
     local part (+cu130) is ignored, as pip does for these comparisons."""
-    compare = {">=": tuple.__ge__, "<=": tuple.__le__, ">": tuple.__gt__, "<": tuple.__lt__,
-               "==": tuple.__eq__}
+    compare = {
+        ">=": tuple.__ge__,
+        "<=": tuple.__le__,
+        ">": tuple.__gt__,
+        "<": tuple.__lt__,
+        "==": tuple.__eq__,
+    }
     have = release(version)
     for clause in requirement.split(","):
         op, bound = re.match(r"(>=|<=|==|>|<)(.+)", clause).groups()
@@ -96,10 +110,12 @@ def in_range(version, requirement):
 def check_torch_version(version, requirement, environ):
     if in_range(version, requirement) or environ.get("FUSED_BPTT_UNVERIFIED_TORCH") == "1":
         return
-    raise BuildStop(f"torch {version} is outside the verified range torch{requirement} "
-                    f"(pyproject.toml, checked by tools/compat.sh): install a torch in that range, or "
-                    f"build anyway with FUSED_BPTT_UNVERIFIED_TORCH=1 pip install --no-build-isolation "
-                    f"--no-deps .")
+    raise BuildStop(
+        f"torch {version} is outside the verified range torch{requirement} "
+        f"(pyproject.toml, checked by tools/compat.sh): install a torch in that range, or "
+        f"build anyway with FUSED_BPTT_UNVERIFIED_TORCH=1 pip install --no-build-isolation "
+        f"--no-deps ."
+    )
 
 
 def toolkit_version(nvcc):
@@ -136,7 +152,9 @@ def suggest_cuda_home(torch_cuda, candidates=None):
     """A toolkit that would do, for the message: /usr/local/cuda-<major>.*, then /usr/local/cuda."""
     if candidates is None:
         major = torch_cuda.split(".")[0]
-        candidates = sorted(glob.glob(f"/usr/local/cuda-{major}.*"), reverse=True) + ["/usr/local/cuda"]
+        candidates = sorted(glob.glob(f"/usr/local/cuda-{major}.*"), reverse=True) + [
+            "/usr/local/cuda"
+        ]
     return next((c for c in candidates if toolkit_problem(c, torch_cuda) is None), None)
 
 
@@ -153,14 +171,20 @@ def want_cuda(environ, torch_cuda, cuda_home, torch_version):
     else:
         problem = toolkit_problem(cuda_home, torch_cuda)
         if problem is not None:
-            origin = next((f"{v}={environ[v]}" for v in ("CUDA_HOME", "CUDA_PATH") if environ.get(v)),
-                          f"CUDA_HOME not set, torch guessed {cuda_home}")
+            origin = next(
+                (f"{v}={environ[v]}" for v in ("CUDA_HOME", "CUDA_PATH") if environ.get(v)),
+                f"CUDA_HOME not set, torch guessed {cuda_home}",
+            )
             better = suggest_cuda_home(torch_cuda)
-            problem = (f"{problem} ({origin}); set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]}.x "
-                       f"toolkit" + (f", e.g. CUDA_HOME={better}" if better else ""))
+            problem = (
+                f"{problem} ({origin}); set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]}.x "
+                f"toolkit" + (f", e.g. CUDA_HOME={better}" if better else "")
+            )
     if problem is None:
-        return True, (f"CUDA {toolkit_version(os.path.join(cuda_home, 'bin', 'nvcc'))} at "
-                      f"{cuda_home}, torch built with CUDA {torch_cuda}")
+        return True, (
+            f"CUDA {toolkit_version(os.path.join(cuda_home, 'bin', 'nvcc'))} at "
+            f"{cuda_home}, torch built with CUDA {torch_cuda}"
+        )
     if force == "1":
         raise BuildStop(f"FORCE_CUDA=1 but {problem}")
     return False, problem
@@ -171,8 +195,10 @@ def cuda_arch_flags(environ):
     it; otherwise the defaults are passed as -gencode flags (torch then adds none of its own)."""
     if environ.get("TORCH_CUDA_ARCH_LIST"):
         return [], f"TORCH_CUDA_ARCH_LIST={environ['TORCH_CUDA_ARCH_LIST']}"
-    flags = [f"-gencode=arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}"
-             for a in DEFAULT_CUDA_ARCHS]
+    flags = [
+        f"-gencode=arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}"
+        for a in DEFAULT_CUDA_ARCHS
+    ]
     return flags, f"{';'.join(DEFAULT_CUDA_ARCHS)} (default; set TORCH_CUDA_ARCH_LIST to change)"
 
 
@@ -183,22 +209,43 @@ def build_info_define(torch_version):
     return "-DFUSED_BPTT_BUILD_INFO_CHARS=" + ",".join(str(ord(c)) for c in text)
 
 
+def openmp_flags(platform=sys.platform):
+    """(compile, link) flags for OpenMP, which ATen's inline at::parallel_for needs in our own
+    translation units to use threads: GCC on Linux, MSVC on Windows; Apple's clang has no
+    -fopenmp, so there the CPU loops run on one thread (said in the configuration print-out)."""
+    if platform.startswith("linux"):
+        return ["-fopenmp"], ["-fopenmp"]
+    if platform == "win32":
+        return ["/openmp"], []
+    return [], []
+
+
 def extension(environ=os.environ):
     torch = import_build_torch()
     check_torch_version(torch.__version__, torch_requirement(), environ)
     from torch.utils import cpp_extension
 
     opt = ["-O0", "-g"] if environ.get("FUSED_BPTT_DEBUG") == "1" else ["-O3"]
-    cxx = [CXX_STANDARD, *opt, "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    omp_compile, omp_link = openmp_flags()
+    cxx = [CXX_STANDARD, *opt, *omp_compile, "-Wall", "-Wextra", "-Wno-unused-parameter"]
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")  # csrc/build_info.cpp among them
-    with_cuda, why = want_cuda(environ, torch.version.cuda, cpp_extension.CUDA_HOME, torch.__version__)
-    kwargs = dict(extra_compile_args={"cxx": [*cxx, build_info_define(torch.__version__)]},
-                  extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
+    with_cuda, why = want_cuda(
+        environ, torch.version.cuda, cpp_extension.CUDA_HOME, torch.__version__
+    )
+    kwargs = dict(
+        extra_compile_args={"cxx": [*cxx, build_info_define(torch.__version__)]},
+        extra_link_args=omp_link,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+    )
     if with_cuda:
         sources += rel("csrc/cuda/*.cu")
         arch_flags, archs = cuda_arch_flags(environ)
-        kwargs["extra_compile_args"]["nvcc"] = [*opt, CXX_STANDARD, "--expt-relaxed-constexpr",
-                                                *arch_flags]
+        kwargs["extra_compile_args"]["nvcc"] = [
+            *opt,
+            CXX_STANDARD,
+            "--expt-relaxed-constexpr",
+            *arch_flags,
+        ]
         why += f", archs {archs}"
         ext = cpp_extension.CUDAExtension("fused_bptt._C", sources, **kwargs)
     else:
@@ -207,6 +254,7 @@ def extension(environ=os.environ):
     print(f"  torch   : {torch.__version__} at {os.path.dirname(torch.__file__)}")
     print(f"  CPU ops : yes ({len(rel('csrc/cpu/*.cpp'))} source file(s))")
     print(f"  CUDA ops: {'yes' if with_cuda else 'no'} ({why})")
+    print(f"  OpenMP  : {'yes' if omp_compile else 'no (the CPU loops run on one thread)'}")
     print(f"  flags   : {' '.join(cxx)}")
     return ext
 
@@ -216,4 +264,7 @@ if __name__ == "__main__":
     ext_module = extension()  # first: it stops with a one-line fix where torch is not usable
     from torch.utils.cpp_extension import BuildExtension
 
-    setup(ext_modules=[ext_module], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+    setup(
+        ext_modules=[ext_module],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

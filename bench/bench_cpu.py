@@ -1,23 +1,28 @@
 """CPU benchmark of fused_bptt against torch.nn.RNN: time, speedup, memory saved for backward.
 
-    python bench/bench_cpu.py            # full sweep, a few minutes on 2 cores
-    python bench/bench_cpu.py --quick    # smoke run of a few seconds (numbers not judged)
+    python bench/bench_cpu.py                    # full sweep, a few minutes on 2 cores
+    python bench/bench_cpu.py --dtype bfloat16   # the same in bfloat16 (or float16)
+    python bench/bench_cpu.py --quick            # smoke run of a few seconds (numbers not judged)
 
-One layer, float32, input_size = hidden_size, time-major x [T, B, H]. Each point is timed for
+One layer, input_size = hidden_size, time-major x [T, B, H], every tensor in --dtype (default
+float32). Each point is timed for
     cpp        fused_bptt.FusedRNN(..., backend="cpp")    the user-facing path
     ops        torch.ops.fused_bptt.rnn_forward/backward  the raw ops (cpp - ops = Python layer)
     reference  fused_bptt.FusedRNN(..., backend="reference")
     nn         torch.nn.RNN with the same weights
+and, for bfloat16 and float16,
+    cpp_float32  FusedRNN in float32 with the same weights (the low precision's own gain)
 in two modes: "fwd" (forward under torch.no_grad()) and "fwd+bwd" (forward, then the gradients of
 y.sum() + h_n.sum() for x, h0 and the weights, so y and h_n both feed the loss). The
 implementations are interleaved call by call and each gets the median of its repeats.
 
 Writes bench/results/cpu_bench.csv, cpu_time_vs_H.png and cpu_speedup_vs_H.png (one line per B)
-and cpu_summary.txt; prints progress, and last that summary: the four target shapes (ratio =
-nn time / cpp time), the memory saved for backward, the GFLOP/s at large H against the measured
-sgemm rate, and the machine.
+and cpu_summary.txt (for bfloat16 and float16: cpu_bench_bfloat16.csv and so on); prints
+progress, and last that summary: the four target shapes (ratio = nn time / cpp time), the memory
+saved for backward, the GFLOP/s at large H against the machine's GEMM rates, and the machine.
 Benchmarks report; they never assert speed.
 """
+
 import argparse
 import csv
 import os
@@ -31,45 +36,77 @@ import torch
 import fused_bptt  # the installed package (pip install --no-build-isolation .), with its _C
 
 IMPLS = ("cpp", "ops", "reference", "nn")
+LOW_PRECISION_IMPLS = IMPLS + ("cpp_float32",)
 MODES = ("fwd", "fwd+bwd")
-# (T, B, H): must reach, aim (ratio nn / cpp, forward + backward), from the project's targets.
-TARGETS = [((256, 8, 64), 6.0, 15.0), ((128, 16, 128), 2.5, 5.0), ((64, 32, 256), 1.4, 2.0),
-           ((32, 64, 1024), 1.05, 1.3)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (T, B, H): must reach, aim (ratio nn / cpp, forward + backward), from the project's targets;
+# bfloat16's from issue 10, which float16 is held to as well.
+TARGETS = {
+    torch.float32: [
+        ((256, 8, 64), 6.0, 15.0),
+        ((128, 16, 128), 2.5, 5.0),
+        ((64, 32, 256), 1.4, 2.0),
+        ((32, 64, 1024), 1.05, 1.3),
+    ],
+    torch.bfloat16: [
+        ((256, 8, 64), 6.0, 12.0),
+        ((128, 16, 128), 2.5, 5.0),
+        ((64, 32, 256), 1.4, 2.0),
+        ((32, 64, 1024), 1.1, 1.5),
+    ],
+}
+TARGETS[torch.float16] = TARGETS[torch.bfloat16]
+# Low precision at the largest target shape: FusedRNN float32 time / its time must reach this.
+LOW_PRECISION_GAIN_TARGET = 2.0
 
 
-def make_models(H, seed=0):
+def impls_for(dtype):
+    return IMPLS if dtype == torch.float32 else LOW_PRECISION_IMPLS
+
+
+def make_models(H, dtype=torch.float32, seed=0):
+    """nn.RNN and FusedRNN on each backend, with the same weights, in `dtype`; for bfloat16 and
+    float16 also "cpp_float32": FusedRNN in float32 with those (rounded) weights."""
     torch.manual_seed(seed)
-    nn_rnn = torch.nn.RNN(H, H)
-    models = {"nn": nn_rnn}
+    nn_rnn = torch.nn.RNN(H, H).to(dtype)
+    models = {}
     for backend in ("cpp", "reference"):
-        m = fused_bptt.FusedRNN(H, H, backend=backend)
-        m.load_state_dict(nn_rnn.state_dict())
-        models[backend] = m
+        models[backend] = fused_bptt.FusedRNN(H, H, backend=backend).to(dtype)
+    models["nn"] = nn_rnn
+    if dtype != torch.float32:
+        models["cpp_float32"] = fused_bptt.FusedRNN(H, H, backend="cpp")
+    for m in models.values():
+        m.load_state_dict(nn_rnn.state_dict())  # (copies convert to each model's dtype)
     return models
 
 
-def make_calls(T, B, H):
+def make_calls(T, B, H, dtype=torch.float32):
     """{impl: {mode: zero-argument callable}} for one shape."""
-    models = make_models(H)
-    x = torch.randn(T, B, H, requires_grad=True)
-    h0 = torch.randn(1, B, H, requires_grad=True)
+    models = make_models(H, dtype)
+    x = torch.randn(T, B, H).to(dtype).requires_grad_()
+    h0 = torch.randn(1, B, H).to(dtype).requires_grad_()
     calls = {}
     for name, model in models.items():
         params = list(model.parameters())
+        xs, h0s = (
+            (x, h0)
+            if name != "cpp_float32"
+            else [t.detach().float().requires_grad_() for t in (x, h0)]
+        )
 
-        def fwd(model=model):
+        def fwd(model=model, xs=xs, h0s=h0s):
             with torch.no_grad():
-                model(x, h0)
+                model(xs, h0s)
 
-        def fwd_bwd(model=model, params=params):
-            y, h_n = model(x, h0)
-            torch.autograd.grad(y.sum() + h_n.sum(), [x, h0, *params])
+        def fwd_bwd(model=model, params=params, xs=xs, h0s=h0s):
+            y, h_n = model(xs, h0s)
+            torch.autograd.grad(y.sum() + h_n.sum(), [xs, h0s, *params])
 
         calls[name] = {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
     w_ih, w_hh, b_ih, b_hh = [p.detach() for p in models["cpp"].parameters()]
     xd, h0d = x.detach(), h0.detach()[0]
-    grad_y = torch.ones(T, B, H)
+    grad_y = torch.ones(T, B, H, dtype=dtype)
     grad_y[-1] += 1  # h_n = y[T-1] feeds the loss too
     ops = torch.ops.fused_bptt
 
@@ -102,34 +139,36 @@ def _timed(f):
     return time.perf_counter() - t0
 
 
-def saved_for_backward(model, T, B, H):
-    """Memory a forward leaves for backward, in units of one [T, B, H] float32 tensor:
+def saved_for_backward(model, T, B, H, dtype=torch.float32):
+    """Memory a forward leaves for backward, in units of one [T, B, H] tensor of `dtype`:
     (all it allocated and did not free, the part of that beyond the outputs y and h_n).
 
     Read from the CPU allocator's own accounting through the profiler, so it counts what is
     really kept, whichever way a graph node holds it (x, h0 and the weights exist before the
     call and are not counted)."""
     from torch.profiler import ProfilerActivity, profile
-    x = torch.randn(T, B, H, requires_grad=True)
-    h0 = torch.randn(1, B, H, requires_grad=True)
+
+    x = torch.randn(T, B, H).to(dtype).requires_grad_()
+    h0 = torch.randn(1, B, H).to(dtype).requires_grad_()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         y, h_n = model(x, h0)
     kept = sum(e.self_cpu_memory_usage for e in prof.events())
     outputs = y.untyped_storage().nbytes() + h_n.untyped_storage().nbytes()
-    unit = T * B * H * 4
+    unit = T * B * H * x.element_size()
     return kept / unit, (kept - outputs) / unit
 
 
-def sgemm_gflops(n=2048, threads=None):
-    """The machine's float32 GEMM rate (torch.mm, MKL in the CPU wheel), with `threads` threads."""
+def sgemm_gflops(n=2048, threads=None, dtype=torch.float32):
+    """The machine's GEMM rate (torch.mm: MKL for float32, oneDNN for bfloat16 in the CPU wheel),
+    with `threads` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         seconds = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
     finally:
         torch.set_num_threads(before)
-    return 2 * n ** 3 / seconds / 1e9
+    return 2 * n**3 / seconds / 1e9
 
 
 def flops_fwd_bwd(T, B, H):
@@ -148,17 +187,31 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-def run_sweep(points, budget_s, rows):
+def run_sweep(points, budget_s, rows, dtype=torch.float32):
+    impls = impls_for(dtype)
     for i, (T, B, H) in enumerate(points):
-        calls = make_calls(T, B, H)
+        calls = make_calls(T, B, H, dtype)
         for mode in MODES:
-            med = time_interleaved({n: calls[n][mode] for n in IMPLS}, budget_s)
-            for name in IMPLS:
-                rows.append(dict(T=T, B=B, H=H, mode=mode, impl=name, ms=med[name] * 1e3,
-                                 speedup_vs_nn=med["nn"] / med[name]))
-            print(f"[{i + 1}/{len(points)}] T={T:4d} B={B:3d} H={H:5d} {mode:8s} "
-                  + "  ".join(f"{n} {med[n] * 1e3:8.3f} ms" for n in IMPLS)
-                  + f"  nn/cpp {med['nn'] / med['cpp']:5.2f}x", flush=True)
+            med = time_interleaved({n: calls[n][mode] for n in impls}, budget_s)
+            for name in impls:
+                rows.append(
+                    dict(
+                        T=T,
+                        B=B,
+                        H=H,
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode=mode,
+                        impl=name,
+                        ms=med[name] * 1e3,
+                        speedup_vs_nn=med["nn"] / med[name],
+                    )
+                )
+            print(
+                f"[{i + 1}/{len(points)}] T={T:4d} B={B:3d} H={H:5d} {mode:8s} "
+                + "  ".join(f"{n} {med[n] * 1e3:8.3f} ms" for n in impls)
+                + f"  nn/cpp {med['nn'] / med['cpp']:5.2f}x",
+                flush=True,
+            )
 
 
 def write_csv(rows, path):
@@ -168,12 +221,13 @@ def write_csv(rows, path):
         w.writerows(rows)
 
 
-STYLES = {"cpp": "-o", "ops": "-.^", "reference": ":x", "nn": "--s"}
+STYLES = {"cpp": "-o", "ops": "-.^", "reference": ":x", "nn": "--s", "cpp_float32": "-d"}
 
 
-def plot(rows, T, out_dir):
+def plot(rows, T, out_dir, suffix=""):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -188,20 +242,23 @@ def plot(rows, T, out_dir):
                 for impl, style in STYLES.items():
                     if kind == "speedup" and impl == "nn":
                         continue
-                    pts = sorted((r["H"], r["ms"] if kind == "time" else r["speedup_vs_nn"])
-                                 for r in sweep if r["B"] == B and r["mode"] == mode
-                                 and r["impl"] == impl)
-                    ax.plot(*zip(*pts), style, label=f"{impl} B={B}")
+                    pts = sorted(
+                        (r["H"], r["ms"] if kind == "time" else r["speedup_vs_nn"])
+                        for r in sweep
+                        if r["B"] == B and r["mode"] == mode and r["impl"] == impl
+                    )
+                    if pts:
+                        ax.plot(*zip(*pts), style, label=f"{impl} B={B}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             if kind == "speedup":
                 ax.axhline(1.0, color="grey", lw=0.8)
-            ax.set_title(f"{mode}, T={T}, float32, {torch.get_num_threads()} threads")
+            ax.set_title(f"{mode}, T={T}, {sweep[0]['dtype']}, {torch.get_num_threads()} threads")
             ax.set_xlabel("hidden size H (= input size)")
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"cpu_{kind}_vs_H.png")
+        path = os.path.join(out_dir, f"cpu_{kind}_vs_H{suffix}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -210,106 +267,261 @@ def plot(rows, T, out_dir):
 
 def lookup(rows, shape, mode, impl):
     T, B, H = shape
-    return next(r for r in rows if (r["T"], r["B"], r["H"], r["mode"], r["impl"]) ==
-                (T, B, H, mode, impl))
+    return next(
+        r for r in rows if (r["T"], r["B"], r["H"], r["mode"], r["impl"]) == (T, B, H, mode, impl)
+    )
 
 
-def print_summary(rows, targets, quick, mem, gemm_rate, load_before, path):
+def print_summary(
+    rows,
+    targets,
+    quick,
+    mem,
+    gemm_rate,
+    load_before,
+    path,
+    dtype=torch.float32,
+    lowp_gemm_rate=None,
+):
     """Prints the final table and writes the same lines to `path`."""
     lines = []
     out = lines.append
+    name = str(dtype).replace("torch.", "")
     out("\n" + "=" * 100)
-    out("fused_bptt CPU benchmark: ratio = torch.nn.RNN time / FusedRNN(backend='cpp') time "
-        "(median, interleaved)")
-    out("ops ratio = the same for the raw ops (torch.ops.fused_bptt.*, no Python layer, no "
-        "autograd)")
-    out(f"{'T/B/H':>14} {'fwd+bwd nn ms':>13} {'cpp ms':>8} {'ratio':>6} {'must':>5} {'aim':>5} "
+    out(
+        f"fused_bptt CPU benchmark, {name}: ratio = torch.nn.RNN time / FusedRNN(backend='cpp') "
+        "time (median, interleaved)"
+    )
+    out(
+        "ops ratio = the same for the raw ops (torch.ops.fused_bptt.*, no Python layer, no "
+        "autograd)"
+    )
+    out(
+        f"{'T/B/H':>14} {'fwd+bwd nn ms':>13} {'cpp ms':>8} {'ratio':>6} {'must':>5} {'aim':>5} "
         f"{'verdict':>8} {'ops ratio':>9} | {'fwd nn ms':>9} {'cpp ms':>8} {'ratio':>6} "
-        f"{'verdict':>7} {'ops ratio':>9}")
+        f"{'verdict':>7} {'ops ratio':>9}"
+    )
     for shape, must, aim in targets:
         fb = {i: lookup(rows, shape, "fwd+bwd", i) for i in ("nn", "cpp", "ops")}
         fo = {i: lookup(rows, shape, "fwd", i) for i in ("nn", "cpp", "ops")}
         r_fb, r_fo = fb["cpp"]["speedup_vs_nn"], fo["cpp"]["speedup_vs_nn"]
 
-        def verdict(r):
+        def verdict(r, aim=aim, must=must):
             if quick:
                 return "n/a"
             return "AIM" if r >= aim else "PASS" if r >= must else "FAIL"
-        out(f"{'/'.join(map(str, shape)):>14} {fb['nn']['ms']:13.3f} {fb['cpp']['ms']:8.3f} "
+
+        out(
+            f"{'/'.join(map(str, shape)):>14} {fb['nn']['ms']:13.3f} {fb['cpp']['ms']:8.3f} "
             f"{r_fb:6.2f} {must:5.2f} {aim:5.2f} {verdict(r_fb):>8} "
             f"{fb['ops']['speedup_vs_nn']:9.2f} | {fo['nn']['ms']:9.3f} {fo['cpp']['ms']:8.3f} "
-            f"{r_fo:6.2f} {verdict(r_fo):>7} {fo['ops']['speedup_vs_nn']:9.2f}")
+            f"{r_fo:6.2f} {verdict(r_fo):>7} {fo['ops']['speedup_vs_nn']:9.2f}"
+        )
+    if dtype != torch.float32:
+        shape = targets[-1][0]
+        gain = (
+            lookup(rows, shape, "fwd+bwd", "cpp_float32")["ms"]
+            / lookup(rows, shape, "fwd+bwd", "cpp")["ms"]
+        )
+        verdict = "n/a" if quick else "PASS" if gain >= LOW_PRECISION_GAIN_TARGET else "FAIL"
+        out(
+            f"FusedRNN float32 time / {name} time at T/B/H={'/'.join(map(str, shape))} fwd+bwd: "
+            f"{gain:.2f}x (target {LOW_PRECISION_GAIN_TARGET:.1f}x) {verdict}"
+        )
     slower = [r for r in rows if r["impl"] == "cpp" and r["speedup_vs_nn"] < 1.0]
-    out(f"points where cpp is slower than nn.RNN: {len(slower)}"
-        + "".join(f"\n  T={r['T']} B={r['B']} H={r['H']} {r['mode']}: "
-                  f"{r['speedup_vs_nn']:.2f}x" for r in slower))
+    out(
+        f"points where cpp is slower than nn.RNN: {len(slower)}"
+        + "".join(
+            f"\n  T={r['T']} B={r['B']} H={r['H']} {r['mode']}: {r['speedup_vs_nn']:.2f}x"
+            for r in slower
+        )
+    )
     (T, B, H), m = mem
-    out(f"kept for backward at T/B/H={T}/{B}/{H} (allocator accounting), in units of [T,B,H] "
-        f"float32: " + "; ".join(f"{name} {tot:.2f} allocated and kept by the forward, "
-                                 f"{extra:.2f} beyond y and h_n" for name, (tot, extra) in m.items()))
+    out(
+        f"kept for backward at T/B/H={T}/{B}/{H} (allocator accounting), in units of [T,B,H] "
+        f"{name}: "
+        + "; ".join(
+            f"{name} {tot:.2f} allocated and kept by the forward, {extra:.2f} beyond y and h_n"
+            for name, (tot, extra) in m.items()
+        )
+    )
     shape = targets[-1][0]
     cpp = lookup(rows, shape, "fwd+bwd", "cpp")
     rate = flops_fwd_bwd(*shape) / (cpp["ms"] * 1e-3) / 1e9
     nn_rate = rate * cpp["ms"] / lookup(rows, shape, "fwd+bwd", "nn")["ms"]
     before, after, one = gemm_rate
     best = max(before, after)
-    out(f"GFLOP/s at T/B/H={'/'.join(map(str, shape))} fwd+bwd (6 GEMM-sized products): "
+    out(
+        f"GFLOP/s at T/B/H={'/'.join(map(str, shape))} fwd+bwd (6 GEMM-sized products): "
         f"cpp {rate:.0f}, nn.RNN {nn_rate:.0f}; machine sgemm (torch.mm, square) before/after "
         f"the sweep: {before:.0f}/{after:.0f} -> cpp at {100 * rate / best:.0f}% "
-        f"(1 thread: {one:.0f})")
+        f"(1 thread: {one:.0f})"
+        + (f"; {name} GEMM (torch.mm, square): {lowp_gemm_rate:.0f}" if lowp_gemm_rate else "")
+    )
     threads = torch.get_num_threads()
     if min(before, after) < 0.8 * best or (threads > 1 and best < 0.7 * threads * one):
-        out("WARNING: the sgemm rate changed during the run or does not scale with the threads: "
-            "other processes share these cores; rerun for trustworthy numbers")
-    out(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads()="
+        out(
+            "WARNING: the sgemm rate changed during the run or does not scale with the threads: "
+            "other processes share these cores; rerun for trustworthy numbers"
+        )
+    out(
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads()="
         f"{torch.get_num_threads()}, torch {torch.__version__}, cpu capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, python {platform.python_version()}")
-    out(f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-        "(other processes on the cores distort every number)")
+        f"{torch.backends.cpu.get_cpu_capability()}, python {platform.python_version()}"
+    )
+    out(
+        f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        "(other processes on the cores distort every number)"
+    )
     text = "\n".join(lines)
     print(text, flush=True)
     with open(path, "w") as f:
         f.write(text.lstrip("\n") + "\n")
 
 
+# Boundaries inside a batch (issue 9): (T, B, H) and must / aim ratios, fwd+bwd.
+VARLEN_RESETS = ((128, 64, 256), 5.0, 8.0)  # FusedRNN(resets) vs the per-step nn.RNN loop
+VARLEN_PACKED = ((64, 32, 256), 1.4, None)  # FusedRNN vs nn.RNN on one PackedSequence
+
+
+def run_varlen(quick, budget_s):
+    """Side by side, fwd+bwd, float32: FusedRNN with ~1% resets against the per-step loop users
+    write today (zero the state, one nn.RNN call per step), and FusedRNN against nn.RNN on the
+    same PackedSequence (lengths uniform in [T/4, T]). Returns the summary lines."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    lines = []
+    g = torch.Generator().manual_seed(0)
+    (T, B, H), must, aim = VARLEN_RESETS
+    if quick:
+        T, B, H = 8, 4, 16
+    nn_rnn = torch.nn.RNN(H, H)
+    fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend="cpp")
+    x = torch.randn(T, B, H, generator=g, requires_grad=True)
+    resets = torch.rand(T, B, generator=g) < 0.01
+    keep = (~resets).unsqueeze(-1).float()
+
+    def loop():
+        h, ys = torch.zeros(1, B, H), []
+        for t in range(T):
+            y, h = nn_rnn(x[t : t + 1], h * keep[t])
+            ys.append(y)
+        (torch.cat(ys).sum() + h.sum()).backward()
+
+    def fused_resets():
+        y, h = fused(x, resets=resets)
+        (y.sum() + h.sum()).backward()
+
+    ms = time_interleaved({"fused": fused_resets, "loop": loop}, budget_s)
+    lines.append(
+        f"resets  T/B/H={T}/{B}/{H} ~1% resets, fwd+bwd: FusedRNN {ms['fused'] * 1e3:.1f} ms,"
+        f" per-step nn.RNN loop {ms['loop'] * 1e3:.1f} ms, ratio "
+        f"{ms['loop'] / ms['fused']:.2f}x (must {must}x, aim {aim}x)"
+    )
+    (T, B, H), must, _ = VARLEN_PACKED
+    if quick:
+        T, B, H = 8, 4, 16
+    nn_rnn = torch.nn.RNN(H, H)
+    fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend="cpp")
+    lengths = torch.randint(max(1, T // 4), T + 1, (B,), generator=g)
+    xp = torch.randn(T, B, H, generator=g, requires_grad=True)
+
+    def packed_call(model):
+        def f():
+            out, h = model(pack_padded_sequence(xp, lengths, enforce_sorted=False))
+            (out.data.sum() + h.sum()).backward()
+
+        return f
+
+    ms = time_interleaved({"fused": packed_call(fused), "nn": packed_call(nn_rnn)}, budget_s)
+    lines.append(
+        f"packed  T/B/H={T}/{B}/{H} lengths in [{T // 4}, {T}], fwd+bwd: FusedRNN "
+        f"{ms['fused'] * 1e3:.1f} ms, nn.RNN {ms['nn'] * 1e3:.1f} ms, ratio "
+        f"{ms['nn'] / ms['fused']:.2f}x (must {must}x)"
+    )
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run, a few seconds")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                     "results"))
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="dtype of every tensor (default float32)",
+    )
+    p.add_argument(
+        "--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    )
+    p.add_argument(
+        "--varlen-only",
+        action="store_true",
+        help="only the resets / PackedSequence rows (run_varlen)",
+    )
     args = p.parse_args(argv)
     if "cpp" not in fused_bptt.available_backends():
-        sys.exit("fused_bptt: the compiled CPU ops are not built; build them first "
-                 "(pip install --no-build-isolation .)")
+        sys.exit(
+            "fused_bptt: the compiled CPU ops are not built; build them first "
+            "(pip install --no-build-isolation .)"
+        )
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.varlen_only:
+        run_varlen(args.quick, 0.02 if args.quick else 2.0)
+        return
+    dtype = DTYPES[args.dtype]
+    suffix = "" if dtype == torch.float32 else f"_{args.dtype}"  # float32 keeps its file names
     load_before = os.getloadavg()[0]
     gemm_n = 512 if args.quick else 2048
     gemm_one = sgemm_gflops(gemm_n, threads=1)
     gemm_before = sgemm_gflops(gemm_n)
     if args.quick:
         sweep_T, budget = 16, 0.02
-        targets = [((max(1, T // 8), B, H), must, aim) for (T, B, H), must, aim in TARGETS[:3]]
+        targets = [
+            ((max(1, T // 8), B, H), must, aim) for (T, B, H), must, aim in TARGETS[dtype][:3]
+        ]
         grid = [(sweep_T, 4, 32), (sweep_T, 16, 64)]
         extra_T = []
     else:
         sweep_T, budget = 64, 0.4
-        targets = TARGETS
+        targets = TARGETS[dtype]
         grid = [(sweep_T, B, H) for B in (8, 32) for H in (64, 128, 256, 512, 1024)]
         extra_T = [(T, 16, 128) for T in (32, 512)]
     points = list(dict.fromkeys(grid + extra_T + [s for s, _, _ in targets]))
-    print(f"fused_bptt CPU benchmark: {len(points)} shapes x {MODES} x {IMPLS}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"fused_bptt CPU benchmark, {args.dtype}: {len(points)} shapes x {MODES} x "
+        f"{impls_for(dtype)}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     rows = []
-    run_sweep(points, budget, rows)
-    write_csv(rows, os.path.join(args.out_dir, "cpu_bench.csv"))
-    plots = plot(rows, sweep_T, args.out_dir)
+    run_sweep(points, budget, rows, dtype)
+    csv_path = os.path.join(args.out_dir, f"cpu_bench{suffix}.csv")
+    write_csv(rows, csv_path)
+    plots = plot(rows, sweep_T, args.out_dir, suffix)
     mem_shape = targets[2][0]
-    models = make_models(mem_shape[2])
-    mem = (mem_shape, {n: saved_for_backward(models[n], *mem_shape) for n in ("cpp", "nn")})
+    models = make_models(mem_shape[2], dtype)
+    mem = (mem_shape, {n: saved_for_backward(models[n], *mem_shape, dtype) for n in ("cpp", "nn")})
     gemm_rate = (gemm_before, sgemm_gflops(gemm_n), gemm_one)
-    print(f"wrote {os.path.join(args.out_dir, 'cpu_bench.csv')} " + " ".join(plots))
-    print_summary(rows, targets, args.quick, mem, gemm_rate, load_before,
-                  os.path.join(args.out_dir, "cpu_summary.txt"))
+    lowp_rate = sgemm_gflops(gemm_n, dtype=dtype) if dtype != torch.float32 else None
+    print(f"wrote {csv_path} " + " ".join(plots))
+    print_summary(
+        rows,
+        targets,
+        args.quick,
+        mem,
+        gemm_rate,
+        load_before,
+        os.path.join(args.out_dir, f"cpu_summary{suffix}.txt"),
+        dtype,
+        lowp_rate,
+    )
+    if dtype != torch.float32:  # (the boundary rows compare float32 workarounds)
+        return
+    varlen = run_varlen(args.quick, 0.02 if args.quick else 2.0)
+    with open(os.path.join(args.out_dir, "cpu_summary.txt"), "a") as f:
+        f.write("\nBoundaries (FusedRNN vs what users run today):\n" + "\n".join(varlen) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Never asserts speed. Run by bench/gpu.sh after the CUDA tests pass.
     python bench/bench_gpu.py --quick            # B in {8}, H in {256}, T in {64}
     FUSED_BPTT_CUDA_PATH=per_step python bench/bench_gpu.py   # the fallback path instead
 """
+
 import argparse
 import csv
 import os
@@ -69,6 +70,7 @@ def bench_one(B, H, T, rounds, warmup):
         def run():
             with cudnn_tf32(tf32):
                 model(x, h0)
+
         return run
 
     def forward_backward(model, tf32=False):
@@ -76,6 +78,7 @@ def bench_one(B, H, T, rounds, warmup):
             with cudnn_tf32(tf32):
                 out, _ = model(x, h0)
                 out.backward(grad)
+
         return run
 
     # Same answer first: a benchmark of a wrong kernel is worthless (cuDNN without TF32).
@@ -83,29 +86,46 @@ def bench_one(B, H, T, rounds, warmup):
         out_f, out_c = fused(x, h0)[0], cudnn(x, h0)[0]
     err = (out_f - out_c).abs().max().item()
 
-    runs = {"fused_fwd": forward(fused), "cudnn_fwd": forward(cudnn, True),
-            "cudnn_fp32_fwd": forward(cudnn), "fused_fwdbwd": forward_backward(fused),
-            "cudnn_fwdbwd": forward_backward(cudnn, True),
-            "cudnn_fp32_fwdbwd": forward_backward(cudnn)}
+    runs = {
+        "fused_fwd": forward(fused),
+        "cudnn_fwd": forward(cudnn, True),
+        "cudnn_fp32_fwd": forward(cudnn),
+        "fused_fwdbwd": forward_backward(fused),
+        "cudnn_fwdbwd": forward_backward(cudnn, True),
+        "cudnn_fp32_fwdbwd": forward_backward(cudnn),
+    }
     times = {k: [] for k in runs}
     for _ in range(rounds):
         for k, fn in runs.items():
             time_ms(fn, times[k], warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = {k: f"{med[f'cudnn{c}_{m}'] / med[f'fused_{m}']:.3f}"
-             for k, c, m in [("fwd_speedup", "", "fwd"), ("fwdbwd_speedup", "", "fwdbwd"),
-                             ("fwd_speedup_fp32", "_fp32", "fwd"),
-                             ("fwdbwd_speedup_fp32", "_fp32", "fwdbwd")]}
-    return dict(B=B, H=H, T=T, I=I, max_abs_diff_vs_cudnn=f"{err:.2e}",
-                **{f"{k}_ms": f"{v:.4f}" for k, v in med.items()}, **ratio,
-                fused_fwd_us_per_step=f"{1000 * med['fused_fwd'] / T:.2f}",
-                fused_fwdbwd_us_per_step=f"{1000 * med['fused_fwdbwd'] / T:.2f}",
-                cudnn_fwdbwd_us_per_step=f"{1000 * med['cudnn_fwdbwd'] / T:.2f}")
+    ratio = {
+        k: f"{med[f'cudnn{c}_{m}'] / med[f'fused_{m}']:.3f}"
+        for k, c, m in [
+            ("fwd_speedup", "", "fwd"),
+            ("fwdbwd_speedup", "", "fwdbwd"),
+            ("fwd_speedup_fp32", "_fp32", "fwd"),
+            ("fwdbwd_speedup_fp32", "_fp32", "fwdbwd"),
+        ]
+    }
+    return dict(
+        B=B,
+        H=H,
+        T=T,
+        I=I,
+        max_abs_diff_vs_cudnn=f"{err:.2e}",
+        **{f"{k}_ms": f"{v:.4f}" for k, v in med.items()},
+        **ratio,
+        fused_fwd_us_per_step=f"{1000 * med['fused_fwd'] / T:.2f}",
+        fused_fwdbwd_us_per_step=f"{1000 * med['fused_fwdbwd'] / T:.2f}",
+        cudnn_fwdbwd_us_per_step=f"{1000 * med['cudnn_fwdbwd'] / T:.2f}",
+    )
 
 
 def plot(rows, path, device):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -117,10 +137,15 @@ def plot(rows, path, device):
         for B in sorted({r["B"] for r in rows}):
             sel = [r for r in rows if r["T"] == T and r["B"] == B]
             hs = [r["H"] for r in sel]
-            ax.plot(hs, [float(r["fwdbwd_speedup"]) for r in sel], marker="o",
-                    label=f"B={B}")
-            ax.plot(hs, [float(r["fwdbwd_speedup_fp32"]) for r in sel], marker="x", ls=":",
-                    color=ax.lines[-1].get_color(), label=f"B={B}, cuDNN without TF32")
+            ax.plot(hs, [float(r["fwdbwd_speedup"]) for r in sel], marker="o", label=f"B={B}")
+            ax.plot(
+                hs,
+                [float(r["fwdbwd_speedup_fp32"]) for r in sel],
+                marker="x",
+                ls=":",
+                color=ax.lines[-1].get_color(),
+                label=f"B={B}, cuDNN without TF32",
+            )
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.axhline(2.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
@@ -134,8 +159,9 @@ def plot(rows, path, device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="one configuration, a smoke run")
     ap.add_argument("--rounds", type=int, default=15, help="timed rounds per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls before each timed one")
@@ -144,8 +170,10 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
     if "cuda" not in fused_bptt.available_backends():
-        sys.exit("fused_bptt has no CUDA backend here: build it with bench/gpu.sh "
-                 "(FORCE_CUDA=1 python setup.py build_ext --inplace)")
+        sys.exit(
+            "fused_bptt has no CUDA backend here: build it with bench/gpu.sh "
+            "(FORCE_CUDA=1 python setup.py build_ext --inplace)"
+        )
     device = torch.cuda.get_device_name()
     tag = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
     if args.quick:
@@ -153,11 +181,15 @@ def main():
     else:
         Bs, Hs, Ts = [1, 8, 32, 128], [128, 256, 512, 1024], [64, 256]
     path_env = os.environ.get("FUSED_BPTT_CUDA_PATH", "auto")
-    print(f"device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"cuDNN {torch.backends.cudnn.version()}; fused path: {path_env}")
+    print(
+        f"device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"cuDNN {torch.backends.cudnn.version()}; fused path: {path_env}"
+    )
     print("x: cuDNN time / fused time (cuDNN with TF32, its default; fp32: without)")
-    print(f"{'B':>4} {'H':>5} {'T':>4} | {'fwd ms':>8} {'cuDNN':>8} {'x':>5} {'fp32':>5} | "
-          f"{'f+b ms':>8} {'cuDNN':>8} {'x':>5} {'fp32':>5} | {'us/step f+b':>11}")
+    print(
+        f"{'B':>4} {'H':>5} {'T':>4} | {'fwd ms':>8} {'cuDNN':>8} {'x':>5} {'fp32':>5} | "
+        f"{'f+b ms':>8} {'cuDNN':>8} {'x':>5} {'fp32':>5} | {'us/step f+b':>11}"
+    )
     rows = []
     for T in Ts:
         for H in Hs:
@@ -165,11 +197,14 @@ def main():
                 r = bench_one(B, H, T, args.rounds, args.warmup)
                 r.update(device=device, path=path_env)
                 rows.append(r)
-                print(f"{B:>4} {H:>5} {T:>4} | {r['fused_fwd_ms']:>8} {r['cudnn_fwd_ms']:>8} "
-                      f"{r['fwd_speedup']:>5} {r['fwd_speedup_fp32']:>5} | "
-                      f"{r['fused_fwdbwd_ms']:>8} {r['cudnn_fwdbwd_ms']:>8} "
-                      f"{r['fwdbwd_speedup']:>5} {r['fwdbwd_speedup_fp32']:>5} | "
-                      f"{r['fused_fwdbwd_us_per_step']:>11}", flush=True)
+                print(
+                    f"{B:>4} {H:>5} {T:>4} | {r['fused_fwd_ms']:>8} {r['cudnn_fwd_ms']:>8} "
+                    f"{r['fwd_speedup']:>5} {r['fwd_speedup_fp32']:>5} | "
+                    f"{r['fused_fwdbwd_ms']:>8} {r['cudnn_fwdbwd_ms']:>8} "
+                    f"{r['fwdbwd_speedup']:>5} {r['fwdbwd_speedup_fp32']:>5} | "
+                    f"{r['fused_fwdbwd_us_per_step']:>11}",
+                    flush=True,
+                )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if path_env == "auto" else f"_{path_env}"

@@ -44,10 +44,11 @@ run without its compiled kernels unless told `--backend reference`.
                                          # waits stall these small steps when a core is taken
     python bench/demo.py --quick         # seconds: a smoke run (the tests call it)
 """
+
 import argparse
-import csv
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, List, NamedTuple
@@ -59,11 +60,21 @@ from torch import nn
 try:
     import fused_bptt
 except ImportError as error:
-    raise SystemExit(f"demo: cannot import fused_bptt ({error}); the demo runs the installed "
-                     f"package: pip install --no-build-isolation . in the checkout")
-from fused_bptt import FusedRNN, available_backends
-from fused_bptt.function import resolve_backend
-from fused_bptt.tbptt import RNNWithHead, StatefulTBPTT, StatelessTBPTT, train_tbptt
+    raise SystemExit(
+        f"demo: cannot import fused_bptt ({error}); the demo runs the installed "
+        f"package: pip install --no-build-isolation . in the checkout"
+    ) from None
+from fused_bptt import (
+    FusedRNN,
+    RNNWithHead,
+    StatefulTBPTT,
+    StatelessTBPTT,
+    available_backends,
+    train_tbptt,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_util import format_table, write_csv  # noqa: E402
 
 
 def parse_args(argv):
@@ -71,8 +82,12 @@ def parse_args(argv):
     p.add_argument("--period", type=int, default=32, help="task 1: P, steps between pulses")
     p.add_argument("--ks", default="8,64", help="task 1: chunk lengths, comma separated")
     p.add_argument("--batch", type=int, default=32, help="task 1: streams / windows per update")
-    p.add_argument("--train-steps", type=int, default=64 * 600,
-                   help="task 1: training time steps per stream, the same for every configuration")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=64 * 600,
+        help="task 1: training time steps per stream, the same for every configuration",
+    )
     p.add_argument("--lrs", default="3e-3,1e-3", help="task 1: Adam learning rates")
     p.add_argument("--recall-lag", type=int, default=16, help="task 2: L, cue to target")
     p.add_argument("--recall-period", type=int, default=24, help="task 2: P > L, between cues")
@@ -105,8 +120,10 @@ def parse_args(argv):
     for name in ("lrs", "recall_lrs"):
         setattr(args, name, [float(v) for v in getattr(args, name).split(",")])
     if not 0 < args.recall_lag < args.recall_period:
-        p.error(f"--recall-lag must lie in [1, --recall-period), so that every target comes "
-                f"before the next cue, but got L={args.recall_lag}, P={args.recall_period}")
+        p.error(
+            f"--recall-lag must lie in [1, --recall-period), so that every target comes "
+            f"before the next cue, but got L={args.recall_lag}, P={args.recall_period}"
+        )
     return args
 
 
@@ -127,7 +144,7 @@ def recall_task(num_streams, length, period, lag, generator):
     since_cue = (torch.arange(length).unsqueeze(1) - phase) % period
     sign = torch.randint(2, (length, num_streams), generator=generator).float() * 2 - 1
     x = torch.where(since_cue == 0, sign, torch.zeros(()))
-    delayed = torch.cat([torch.zeros(lag, num_streams), x[:length - lag]])
+    delayed = torch.cat([torch.zeros(lag, num_streams), x[: length - lag]])
     is_target = (since_cue == lag) & (torch.arange(length).unsqueeze(1) >= lag)
     target = torch.where(is_target, delayed, torch.full((), float("nan")))
     return torch.stack([x, (since_cue == 0).float()], -1), target.unsqueeze(-1), since_cue
@@ -137,7 +154,7 @@ def masked_mse(pred, target):
     """MSE over the steps whose target is not NaN; a chunk without any scores 0 (no gradient)."""
     scored = ~torch.isnan(target)
     if not scored.any():
-        return pred.sum() * 0     # still a function of the parameters, so backward() works
+        return pred.sum() * 0  # still a function of the parameters, so backward() works
     return F.mse_loss(pred[scored], target[scored])
 
 
@@ -157,18 +174,22 @@ def score_recall(pred, target, since_cue, k, period):
     scored steps, and their number; no per-lag curve (only one lag is scored)."""
     scored = ~torch.isnan(target)
     pred, target = pred[scored], target[scored]
-    return {"eval_acc": (torch.sign(pred) == target).float().mean().item(),
-            "eval_mse": F.mse_loss(pred, target).item(), "targets": int(scored.sum())}, None
+    return {
+        "eval_acc": (torch.sign(pred) == target).float().mean().item(),
+        "eval_mse": F.mse_loss(pred, target).item(),
+        "targets": int(scored.sum()),
+    }, None
 
 
 class Task(NamedTuple):
     """A task's data, loss, scoring and training configuration; `metric` ranks the runs."""
+
     name: str
     inputs: int
     period: int
-    data: Callable            # (num_streams, length, generator) -> x, target, aux [length, B]
+    data: Callable  # (num_streams, length, generator) -> x, target, aux [length, B]
     loss: Callable
-    score: Callable           # (pred, target, aux, k, period) -> metrics, per-lag curve or None
+    score: Callable  # (pred, target, aux, k, period) -> metrics, per-lag curve or None
     metric: str
     ks: List[int]
     lrs: List[float]
@@ -178,37 +199,68 @@ class Task(NamedTuple):
 
 
 def make_tasks(args):
-    pulse = Task("pulse", 1, args.period, lambda n, t, g: pulse_task(n, t, args.period, g),
-                 F.mse_loss, score_pulse, "eval_mse", args.ks, args.lrs, args.batch,
-                 args.train_steps, args.eval_streams)
-    recall = Task("recall", 2, args.recall_period,
-                  lambda n, t, g: recall_task(n, t, args.recall_period, args.recall_lag, g),
-                  masked_mse, score_recall, "eval_acc", args.recall_ks, args.recall_lrs,
-                  args.recall_batch, args.recall_train_steps, args.recall_eval_streams)
+    pulse = Task(
+        "pulse",
+        1,
+        args.period,
+        lambda n, t, g: pulse_task(n, t, args.period, g),
+        F.mse_loss,
+        score_pulse,
+        "eval_mse",
+        args.ks,
+        args.lrs,
+        args.batch,
+        args.train_steps,
+        args.eval_streams,
+    )
+    recall = Task(
+        "recall",
+        2,
+        args.recall_period,
+        lambda n, t, g: recall_task(n, t, args.recall_period, args.recall_lag, g),
+        masked_mse,
+        score_recall,
+        "eval_acc",
+        args.recall_ks,
+        args.recall_lrs,
+        args.recall_batch,
+        args.recall_train_steps,
+        args.recall_eval_streams,
+    )
     return pulse, recall
 
 
 def check_backend(args):
     """The backend FusedRNN will run here; exits if that is the slow reference by default."""
-    probe = torch.zeros(1, 1, 1, device=args.device)
-    try:
-        used = resolve_backend(args.backend, probe)
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise SystemExit(f"demo: {error}")
+    available = available_backends()
+    wanted = "cuda" if args.device.startswith("cuda") else "cpp"
+    if args.backend not in ("auto", *available):
+        raise SystemExit(
+            f"demo: --backend {args.backend!r} is not available here; available "
+            f"backends: {available} (or 'auto')"
+        )
+    used = wanted if args.backend == "auto" and wanted in available else args.backend
+    if used == "auto":
+        used = "reference"  # what backend="auto" runs when the kernels are missing
+    if used not in ("reference", wanted):
+        raise SystemExit(
+            f"demo: --backend {used!r} does not run {args.device} tensors; use "
+            f"{wanted!r}, 'auto' or 'reference'"
+        )
     if used == "reference" and args.backend != "reference":
         raise SystemExit(
             f"demo: FusedRNN would run the slow pure-PyTorch reference backend on {args.device}: "
             f"fused_bptt imported from {Path(fused_bptt.__file__).parent} has the backends "
-            f"{available_backends()}, but the demo needs "
-            f"{'cuda' if args.device.startswith('cuda') else 'cpp'}. Install the package with its "
+            f"{available}, but the demo needs {wanted}. Install the package with its "
             f"compiled kernels (pip install --no-build-isolation . in the checkout) and run the "
-            f"demo as `python bench/demo.py`, or pass --backend reference to time the reference")
+            f"demo as `python bench/demo.py`, or pass --backend reference to time the reference"
+        )
     return used
 
 
 def make_model(args, kind, seed, inputs):
     torch.manual_seed(seed)
-    rnn = nn.RNN(inputs, args.hidden)             # the same initial weights for every model
+    rnn = nn.RNN(inputs, args.hidden)  # the same initial weights for every model
     if kind == "fused":
         rnn = FusedRNN.from_rnn(rnn, backend=args.backend)
     return RNNWithHead(rnn, nn.Linear(args.hidden, 1)).to(args.device)
@@ -221,8 +273,14 @@ def make_driver(task, mode, k, generator, device):
         return StatefulTBPTT(x.to(device), target.to(device), k)
     # Stateless: a pool of independent sequences, each a few periods longer than the window.
     x, target, _ = task.data(4 * task.batch, max(4 * task.period, 2 * k), generator)
-    return StatelessTBPTT(list(x.to(device).unbind(1)), list(target.to(device).unbind(1)),
-                          k, task.batch, updates, generator=generator)
+    return StatelessTBPTT(
+        list(x.to(device).unbind(1)),
+        list(target.to(device).unbind(1)),
+        k,
+        task.batch,
+        updates,
+        generator=generator,
+    )
 
 
 def progress(label, total, every_s=5.0):
@@ -233,23 +291,26 @@ def progress(label, total, every_s=5.0):
         state["losses"].append(loss)
         now = time.perf_counter()
         if now - state["t"] > every_s or index + 1 == total:
-            recent = state["losses"][-max(1, total // 20):]
-            print(f"  {label}: update {index + 1}/{total}  loss {sum(recent) / len(recent):.4f}",
-                  flush=True)
+            recent = state["losses"][-max(1, total // 20) :]
+            print(
+                f"  {label}: update {index + 1}/{total}  loss {sum(recent) / len(recent):.4f}",
+                flush=True,
+            )
             state["t"] = now
+
     return on_chunk
 
 
 @torch.no_grad()
 def evaluate(model, task, k, args):
     """Runs statefully from zeros over held-out streams; scores every step after the burn-in."""
-    generator = torch.Generator().manual_seed(12345)   # the same held-out streams for all
+    generator = torch.Generator().manual_seed(12345)  # the same held-out streams for all
     x, target, aux = task.data(task.eval_streams, args.eval_periods * task.period, generator)
     pred, _ = model(x.to(args.device), None)
     pred = pred.cpu()
     burn_in = 2 * task.period
     metrics, curve = task.score(pred[burn_in:], target[burn_in:], aux[burn_in:], k, task.period)
-    return metrics, curve, (x[:, 0, 0], target[:, 0, 0], pred[:, 0, 0])   # stream 0
+    return metrics, curve, (x[:, 0, 0], target[:, 0, 0], pred[:, 0, 0])  # stream 0
 
 
 def train_all(args, task):
@@ -265,17 +326,36 @@ def train_all(args, task):
                     model = make_model(args, "fused", seed, task.inputs)
                     driver = make_driver(task, mode, k, generator, args.device)
                     opt = torch.optim.Adam(model.parameters(), lr=lr)
-                    print(f"{task.name} {label} seed={seed}: {len(driver)} updates of "
-                          f"{task.batch} x {k} steps", flush=True)
+                    print(
+                        f"{task.name} {label} seed={seed}: {len(driver)} updates of "
+                        f"{task.batch} x {k} steps",
+                        flush=True,
+                    )
                     start = time.perf_counter()
-                    losses = train_tbptt(model, driver, task.loss, opt, clip_grad_norm=args.clip,
-                                         on_chunk=progress(f"{task.name} {label}", len(driver)))
+                    losses = train_tbptt(
+                        model,
+                        driver,
+                        task.loss,
+                        opt,
+                        clip_grad_norm=args.clip,
+                        on_chunk=progress(f"{task.name} {label}", len(driver)),
+                    )
                     seconds = time.perf_counter() - start
-                    tail = losses[-max(1, len(losses) // 10):]
+                    tail = losses[-max(1, len(losses) // 10) :]
                     metrics, curve, sample = evaluate(model, task, k, args)
-                    rows.append({"mode": mode, "k": k, "period": task.period, "lr": lr,
-                                 "seed": seed, "updates": len(losses), "train_s": seconds,
-                                 "train_loss_last10pct": sum(tail) / len(tail), **metrics})
+                    rows.append(
+                        {
+                            "mode": mode,
+                            "k": k,
+                            "period": task.period,
+                            "lr": lr,
+                            "seed": seed,
+                            "updates": len(losses),
+                            "train_s": seconds,
+                            "train_loss_last10pct": sum(tail) / len(tail),
+                            **metrics,
+                        }
+                    )
                     print(f"  -> held-out {task.metric} {metrics[task.metric]:.4f}", flush=True)
                     curves[label, seed], samples[label, seed] = curve, sample
     return rows, curves, samples
@@ -291,12 +371,22 @@ def summarize(rows, metric, medians):
     for (mode, k, lr), runs in groups.items():
         values = [r[metric] for r in runs]
         median_run = sorted(runs, key=lambda r: r[metric])[(len(runs) - 1) // 2]
-        summary.append({"mode": mode, "k": k, "lr": lr, "seeds": len(runs),
-                        "median_seed": median_run["seed"],
-                        f"{metric}_median": statistics.median(values),
-                        f"{metric}_min": min(values), f"{metric}_max": max(values),
-                        **{column: statistics.median(r[key] for r in runs)
-                           for column, key in medians.items()}})
+        summary.append(
+            {
+                "mode": mode,
+                "k": k,
+                "lr": lr,
+                "seeds": len(runs),
+                "median_seed": median_run["seed"],
+                f"{metric}_median": statistics.median(values),
+                f"{metric}_min": min(values),
+                f"{metric}_max": max(values),
+                **{
+                    column: statistics.median(r[key] for r in runs)
+                    for column, key in medians.items()
+                },
+            }
+        )
     return summary
 
 
@@ -308,12 +398,14 @@ def time_updates(args, task):
         generator = torch.Generator().manual_seed(args.seeds[0])
         x, target, _ = task.data(task.batch, k * args.timing_updates, generator)
         x, target = x.to(args.device), target.to(args.device)
-        models = {kind: make_model(args, kind, args.seeds[0], task.inputs)
-                  for kind in ("torch", "fused")}
-        opts = {kind: torch.optim.Adam(m.parameters(), lr=task.lrs[0])
-                for kind, m in models.items()}
+        models = {
+            kind: make_model(args, kind, args.seeds[0], task.inputs) for kind in ("torch", "fused")
+        }
+        opts = {
+            kind: torch.optim.Adam(m.parameters(), lr=task.lrs[0]) for kind, m in models.items()
+        }
         times = {kind: [] for kind in models}
-        for block in range(args.timing_blocks + 1):           # block 0 is a warm-up
+        for block in range(args.timing_blocks + 1):  # block 0 is a warm-up
             for kind, model in models.items():
                 driver = StatefulTBPTT(x, target, k)
                 if args.device.startswith("cuda"):
@@ -325,29 +417,22 @@ def time_updates(args, task):
                 if block:
                     times[kind].append((time.perf_counter() - start) / len(driver) * 1e3)
         ms = {kind: statistics.median(t) for kind, t in times.items()}
-        results.append({"k": k, "batch": task.batch, "hidden": args.hidden,
-                        "torch_ms": ms["torch"], "fused_ms": ms["fused"],
-                        "speedup": ms["torch"] / ms["fused"]})
-        print(f"timing k={k}: nn.RNN {ms['torch']:.3f} ms/update, FusedRNN {ms['fused']:.3f} "
-              f"ms/update, speedup {ms['torch'] / ms['fused']:.2f}x", flush=True)
+        results.append(
+            {
+                "k": k,
+                "batch": task.batch,
+                "hidden": args.hidden,
+                "torch_ms": ms["torch"],
+                "fused_ms": ms["fused"],
+                "speedup": ms["torch"] / ms["fused"],
+            }
+        )
+        print(
+            f"timing k={k}: nn.RNN {ms['torch']:.3f} ms/update, FusedRNN {ms['fused']:.3f} "
+            f"ms/update, speedup {ms['torch'] / ms['fused']:.2f}x",
+            flush=True,
+        )
     return results
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def format_table(rows):
-    keys = list(rows[0])
-    cells = [[f"{r[key]:.4f}" if isinstance(r[key], float) else str(r[key]) for key in keys]
-             for r in rows]
-    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
-    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def plot(path, args, pulse, recall):
@@ -355,6 +440,7 @@ def plot(path, args, pulse, recall):
     then the held-out MSE against the lag since the last pulse. Task 2, the last row: the
     held-out accuracy of every run, and a held-out stream with the median-seed predictions."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -366,16 +452,19 @@ def plot(path, args, pulse, recall):
     burn_in, span = 2 * args.period, 4 * args.period
     t = torch.arange(burn_in, burn_in + span)
     for col, settings in enumerate(columns):
-        curve_ax = fig.add_subplot(grid[rows - 2, 2 * col:2 * col + 2])
+        curve_ax = fig.add_subplot(grid[rows - 2, 2 * col : 2 * col + 2])
         for row, r in enumerate(settings):
-            ax = fig.add_subplot(grid[row, 2 * col:2 * col + 2])
+            ax = fig.add_subplot(grid[row, 2 * col : 2 * col + 2])
             key = (f"{r['mode']} k={r['k']} lr={r['lr']:g}", r["median_seed"])
-            x, target, pred = (s[burn_in:burn_in + span] for s in samples[key])
+            x, target, pred = (s[burn_in : burn_in + span] for s in samples[key])
             ax.plot(t, target, "k-", lw=1, label="target")
             ax.plot(t, pred, "C1-", lw=1.5, label="prediction")
             ax.vlines(t[x > 0], -1.2, 1.2, colors="C2", lw=0.8, label="pulse")
-            ax.set_title(f"pulse -> phase: {key[0]} seed={key[1]} (median of {r['seeds']}), "
-                         f"P={args.period}: held-out, stateful run", fontsize=8)
+            ax.set_title(
+                f"pulse -> phase: {key[0]} seed={key[1]} (median of {r['seeds']}), "
+                f"P={args.period}: held-out, stateful run",
+                fontsize=8,
+            )
             ax.set_ylim(-1.3, 1.3)
             if row == 0:
                 ax.legend(loc="upper right", fontsize=7, ncol=3)
@@ -385,8 +474,12 @@ def plot(path, args, pulse, recall):
         curve_ax.set_xlabel("lag: steps since the last pulse")
         curve_ax.set_ylabel("held-out MSE")
         curve_ax.legend(fontsize=6, ncol=3, loc="lower center")
-    plot_recall(fig.add_subplot(grid[rows - 1, :len(columns)]),
-                fig.add_subplot(grid[rows - 1, len(columns):]), args, *recall)
+    plot_recall(
+        fig.add_subplot(grid[rows - 1, : len(columns)]),
+        fig.add_subplot(grid[rows - 1, len(columns) :]),
+        args,
+        *recall,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -394,37 +487,52 @@ def plot(path, args, pulse, recall):
 
 def plot_recall(acc_ax, stream_ax, args, summary, rows, samples):
     labels = [f"{r['mode']} k={r['k']} lr={r['lr']:g}" for r in summary]
-    for i, (label, r) in enumerate(zip(labels, summary)):
-        accs = [run["eval_acc"] for run in rows
-                if (run["mode"], run["k"], run["lr"]) == (r["mode"], r["k"], r["lr"])]
+    for i, (_label, r) in enumerate(zip(labels, summary)):
+        accs = [
+            run["eval_acc"]
+            for run in rows
+            if (run["mode"], run["k"], run["lr"]) == (r["mode"], r["k"], r["lr"])
+        ]
         acc_ax.plot([i] * len(accs), accs, "o", color=f"C{i}", alpha=0.6)
         acc_ax.plot([i - 0.25, i + 0.25], [r["eval_acc_median"]] * 2, "k-", lw=2)
     acc_ax.axhline(0.5, color="gray", ls=":", label="chance")
     acc_ax.set_xticks(range(len(labels)), labels, fontsize=7)
     acc_ax.set_ylim(0.3, 1.05)
     acc_ax.set_ylabel("held-out accuracy of sign")
-    acc_ax.set_title(f"delayed recall, L={args.recall_lag}, P={args.recall_period}: every seed "
-                     f"(dots) and the median (bar)", fontsize=8)
+    acc_ax.set_title(
+        f"delayed recall, L={args.recall_lag}, P={args.recall_period}: every seed "
+        f"(dots) and the median (bar)",
+        fontsize=8,
+    )
     acc_ax.legend(fontsize=7, loc="lower right")
     burn_in = 2 * args.recall_period
     span = min(8 * args.recall_period, (args.eval_periods - 2) * args.recall_period)
     t = torch.arange(burn_in, burn_in + span)
     # Only the target steps are scored, so only they are drawn: between them the output is free.
     for i, (label, r) in enumerate(zip(labels, summary)):
-        x, target, pred = (s[burn_in:burn_in + span] for s in samples[label, r["median_seed"]])
+        x, target, pred = (s[burn_in : burn_in + span] for s in samples[label, r["median_seed"]])
         scored = ~torch.isnan(target)
-        offset = 0.8 * (i - (len(labels) - 1) / 2)        # side by side, not on top of each other
-        stream_ax.plot(t[scored] + offset, pred[scored].clamp(-1.5, 1.5), "D", color=f"C{i}",
-                       ms=4, label=f"{label} seed={r['median_seed']}")
+        offset = 0.8 * (i - (len(labels) - 1) / 2)  # side by side, not on top of each other
+        stream_ax.plot(
+            t[scored] + offset,
+            pred[scored].clamp(-1.5, 1.5),
+            "D",
+            color=f"C{i}",
+            ms=4,
+            label=f"{label} seed={r['median_seed']}",
+        )
     stream_ax.vlines(t[x != 0], -1.5, 1.5, colors="gray", lw=0.6, label="cue")
     stream_ax.plot(t[x != 0], x[x != 0], "kx", label="cue sign")
     stream_ax.plot(t[scored], target[scored], "ko", mfc="none", ms=9, label="target")
     stream_ax.axhline(0, color="gray", lw=0.5)
-    stream_ax.set_ylim(-2.5, 1.6)                    # room for the legend below the points
+    stream_ax.set_ylim(-2.5, 1.6)  # room for the legend below the points
     stream_ax.set_yticks([-1, 0, 1])
     stream_ax.set_xlabel("time step")
-    stream_ax.set_title("delayed recall: a held-out stream, median-seed predictions at the target "
-                        "steps (clipped to +-1.5)", fontsize=8)
+    stream_ax.set_title(
+        "delayed recall: a held-out stream, median-seed predictions at the target "
+        "steps (clipped to +-1.5)",
+        fontsize=8,
+    )
     stream_ax.legend(fontsize=6, ncol=4, loc="lower center")
 
 
@@ -436,38 +544,52 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     used = check_backend(args)
-    header = (f"fused_bptt demo: hidden {args.hidden}, seeds {args.seeds}, device {args.device}, "
-              f"{torch.get_num_threads()} threads; fused_bptt from "
-              f"{Path(fused_bptt.__file__).parent}, backends {available_backends()}, FusedRNN "
-              f"backend={args.backend!r} -> runs {used!r}\n"
-              f"task 1 pulse -> phase: P={args.period}, k in {args.ks}, lr in {args.lrs}, batch "
-              f"{args.batch}, {args.train_steps} training steps per stream\n"
-              f"task 2 delayed recall: L={args.recall_lag}, P={args.recall_period}, k in "
-              f"{args.recall_ks}, lr in {args.recall_lrs}, batch {args.recall_batch}, "
-              f"{args.recall_train_steps} training steps per stream")
+    header = (
+        f"fused_bptt demo: hidden {args.hidden}, seeds {args.seeds}, device {args.device}, "
+        f"{torch.get_num_threads()} threads; fused_bptt from "
+        f"{Path(fused_bptt.__file__).parent}, backends {available_backends()}, FusedRNN "
+        f"backend={args.backend!r} -> runs {used!r}\n"
+        f"task 1 pulse -> phase: P={args.period}, k in {args.ks}, lr in {args.lrs}, batch "
+        f"{args.batch}, {args.train_steps} training steps per stream\n"
+        f"task 2 delayed recall: L={args.recall_lag}, P={args.recall_period}, k in "
+        f"{args.recall_ks}, lr in {args.recall_lrs}, batch {args.recall_batch}, "
+        f"{args.recall_train_steps} training steps per stream"
+    )
     print(header, flush=True)
     pulse, recall = make_tasks(args)
     start = time.perf_counter()
     pulse_rows, pulse_curves, pulse_samples = train_all(args, pulse)
     recall_rows, _, recall_samples = train_all(args, recall)
     timing = time_updates(args, pulse)
-    pulse_summary = summarize(pulse_rows, "eval_mse", {
-        "lag_lt_k_median": "eval_mse_lag_lt_k", "lag_ge_k_median": "eval_mse_lag_ge_k",
-        "train_loss_median": "train_loss_last10pct"})
-    recall_summary = summarize(recall_rows, "eval_acc", {
-        "eval_mse_median": "eval_mse", "train_loss_median": "train_loss_last10pct"})
-    text = "\n\n".join([
-        header,
-        "task 1, pulse -> phase: held-out MSE over seeds, run statefully from zeros after a "
-        "burn-in of 2P (predict 0: 0.5)\n" + format_table(pulse_summary),
-        "task 2, delayed recall: held-out accuracy of sign(prediction) at the target steps over "
-        "seeds, run statefully from zeros after a burn-in of 2P (chance: 0.5; MSE of predicting "
-        "0: 1.0)\n" + format_table(recall_summary),
-        "task 1, every run\n" + format_table(pulse_rows),
-        "task 2, every run\n" + format_table(recall_rows),
-        "time per update (forward + backward + clip + Adam), FusedRNN vs torch.nn.RNN, task 1 "
-        "chunks, median of blocks\n" + format_table(timing),
-        f"training, evaluation and timing took {time.perf_counter() - start:.0f} s"])
+    pulse_summary = summarize(
+        pulse_rows,
+        "eval_mse",
+        {
+            "lag_lt_k_median": "eval_mse_lag_lt_k",
+            "lag_ge_k_median": "eval_mse_lag_ge_k",
+            "train_loss_median": "train_loss_last10pct",
+        },
+    )
+    recall_summary = summarize(
+        recall_rows,
+        "eval_acc",
+        {"eval_mse_median": "eval_mse", "train_loss_median": "train_loss_last10pct"},
+    )
+    text = "\n\n".join(
+        [
+            header,
+            "task 1, pulse -> phase: held-out MSE over seeds, run statefully from zeros after a "
+            "burn-in of 2P (predict 0: 0.5)\n" + format_table(pulse_summary),
+            "task 2, delayed recall: held-out accuracy of sign(prediction) at the target steps "
+            "over seeds, run statefully from zeros after a burn-in of 2P (chance: 0.5; MSE of "
+            "predicting 0: 1.0)\n" + format_table(recall_summary),
+            "task 1, every run\n" + format_table(pulse_rows),
+            "task 2, every run\n" + format_table(recall_rows),
+            "time per update (forward + backward + clip + Adam), FusedRNN vs torch.nn.RNN, task 1 "
+            "chunks, median of blocks\n" + format_table(timing),
+            f"training, evaluation and timing took {time.perf_counter() - start:.0f} s",
+        ]
+    )
     print("\n" + text)
     write_csv(out / "demo.csv", pulse_rows)
     write_csv(out / "demo_summary.csv", pulse_summary)
@@ -475,10 +597,16 @@ def main(argv=None):
     write_csv(out / "demo_recall_summary.csv", recall_summary)
     write_csv(out / "demo_timing.csv", timing)
     (out / "demo.txt").write_text(text + "\n")
-    plot(out / "demo.png", args, (pulse_summary, pulse_curves, pulse_samples),
-         (recall_summary, recall_rows, recall_samples))
-    print(f"wrote demo.png, demo.csv, demo_summary.csv, demo_recall.csv, "
-          f"demo_recall_summary.csv, demo_timing.csv, demo.txt to {out}")
+    plot(
+        out / "demo.png",
+        args,
+        (pulse_summary, pulse_curves, pulse_samples),
+        (recall_summary, recall_rows, recall_samples),
+    )
+    print(
+        f"wrote demo.png, demo.csv, demo_summary.csv, demo_recall.csv, "
+        f"demo_recall_summary.csv, demo_timing.csv, demo.txt to {out}"
+    )
     return {"pulse": pulse_rows, "recall": recall_rows}
 
 

@@ -41,8 +41,12 @@ RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const a
               "fused_bptt: weight_hh is missing (got None); expected an [H, H] tensor");
   TORCH_CHECK(x.dim() == 3, "fused_bptt: x must be 3-D [T, B, I], but got a ", x.dim(),
               "-D tensor of shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "fused_bptt: x must be float32 or float64, but got ", x.scalar_type());
+  const at::ScalarType dtype = x.scalar_type();
+  const bool low_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || low_precision,
+              "fused_bptt: x must be float32, float64, bfloat16 or float16, but got ", dtype);
+  TORCH_CHECK(!low_precision || x.device().is_cpu(), "fused_bptt: ", dtype, " runs on the CPU ",
+              "only; on ", x.device(), " x must be float32 or float64, but got ", dtype);
   TORCH_CHECK(x.size(0) >= 1, "fused_bptt: x must hold at least one time step (T >= 1), but T = ",
               x.size(0));
   TORCH_CHECK(weight_hh.dim() == 2, "fused_bptt: weight_hh must be 2-D [H, H], but got shape ",
@@ -54,6 +58,33 @@ RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const a
   if (bias_ih.has_value()) check_tensor(*bias_ih, "bias_ih", x, {s.H});
   if (bias_hh.has_value()) check_tensor(*bias_hh, "bias_hh", x, {s.H});
   return s;
+}
+
+void check_boundaries(const at::Tensor& x, const std::optional<at::Tensor>& resets,
+                      const std::optional<at::Tensor>& lengths) {
+  const int64_t T = x.size(0), B = x.size(1);
+  if (resets.has_value()) {
+    const at::Tensor& r = *resets;
+    TORCH_CHECK(r.scalar_type() == at::kBool, "fused_bptt: resets must be a bool tensor [T, B] ",
+                "(true where the state entering step t of row b is zero), but got dtype ",
+                r.scalar_type());
+    check_sizes(r, "resets", {T, B});
+    TORCH_CHECK(r.device() == x.device(), "fused_bptt: resets must be on ", x.device(),
+                " (the device of x), but is on ", r.device());
+  }
+  if (lengths.has_value()) {
+    const at::Tensor& l = *lengths;
+    TORCH_CHECK(l.scalar_type() == at::kLong, "fused_bptt: lengths must be an int64 tensor [B] ",
+                "(the number of valid steps of each row), but got dtype ", l.scalar_type());
+    check_sizes(l, "lengths", {B});
+    TORCH_CHECK(l.device() == x.device(), "fused_bptt: lengths must be on ", x.device(),
+                " (the device of x), but is on ", l.device());
+    if (B > 0) {
+      const int64_t lo = l.min().item<int64_t>(), hi = l.max().item<int64_t>();
+      TORCH_CHECK(lo >= 1 && hi <= T, "fused_bptt: lengths must lie in 1..T = 1..", T,
+                  ", but got values from ", lo, " to ", hi);
+    }
+  }
 }
 
 RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,

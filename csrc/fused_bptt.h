@@ -25,11 +25,24 @@
 //            dx_t   = dz_t W_ih
 //   returns (dx [T,B,I], dh0 [B,H], dW_ih [H,I], dW_hh [H,H], db [H]).
 //
+// Boundaries (both optional; the same semantics on every backend):
+//   resets:  [T, B] bool. Where resets[t, b], the state entering step t of row b is zero:
+//            z_t = x_t W_ih^T + b + 0 W_hh^T there, and no gradient crosses the reset (dh_{t-1} of
+//            that row gets nothing from step t; dh0 of a row reset at t = 0 is zero).
+//   lengths: [B] int64 on x's device, 1 <= lengths[b] <= T. Steps t >= lengths[b] output 0 and leave
+//            row b's state unchanged (their dz is 0 whatever grad_y holds); h_n[b] is
+//            y[lengths[b] - 1, b], so grad_h_n is added at step lengths[b] - 1 (T - 1 without
+//            lengths). A reset at a step t >= lengths[b] changes nothing.
+//   Neither costs an extra [T, B, H] tensor: act' and h_{t-1} are still read off y (h_{t-1} of an
+//   active step t is y[t-1], or 0 where resets[t]).
+//
 // Inputs may be non-contiguous: every backend makes them contiguous itself.
-// Supported dtypes: float32 and float64; all tensors share one dtype and one device.
+// Supported dtypes: float32 and float64 on every backend, bfloat16 and float16 on the CPU (float32
+// arithmetic inside: cpu/rnn_cpu_lowp.cpp); all tensors share one dtype and one device.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
@@ -46,6 +59,18 @@ RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const a
                               const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                               const std::optional<at::Tensor>& bias_hh);
 
+// Validates resets ([T, B] bool) and lengths ([B] int64, 1..T, on x's device) when given.
+void check_boundaries(const at::Tensor& x, const std::optional<at::Tensor>& resets,
+                      const std::optional<at::Tensor>& lengths);
+
+// For the backends that do not implement resets/lengths yet (the CUDA kernels): a clear error.
+inline void reject_boundaries(const std::optional<at::Tensor>& resets,
+                              const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(!resets.has_value() && !lengths.has_value(),
+              "fused_bptt: resets/lengths are not supported by the CUDA kernels yet; use "
+              "backend='reference'");
+}
+
 // Validates the backward arguments: the forward ones plus grad_y and y, both [T, B, H], and
 // grad_h_n [B, H] when given.
 RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
@@ -53,16 +78,5 @@ RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, co
                                const at::Tensor& y, const std::optional<at::Tensor>& grad_h_n);
 
 using RnnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The op schemas, registered by csrc/ops.cpp into the namespace fused_bptt (and by the emulated CUDA
-// build of the tests into its own namespace).
-// y [T, B, H] = the outputs h_1..h_T of one layer.
-inline constexpr const char* kRnnForwardSchema =
-    "rnn_forward(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-    "Tensor? bias_hh, bool relu) -> Tensor";
-// (dx, dh0, dW_ih, dW_hh, db) from grad_y (+ grad_h_n at the last step) and the saved y.
-inline constexpr const char* kRnnBackwardSchema =
-    "rnn_backward(Tensor grad_y, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, "
-    "Tensor y, bool relu, Tensor? grad_h_n=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
 
 }  // namespace fused_bptt

@@ -7,6 +7,8 @@ a constant). The C++ kernels run the same checks again (csrc/checks.cpp).
 
     x: [T, B, I], h0: [B, H], weight_ih: [H, I], weight_hh: [H, H], bias_*: [H] or None
 """
+
+import torch
 from torch import Tensor
 
 
@@ -17,11 +19,13 @@ def _check_tensor(name, t, shape, x) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"fused_bptt: {name} must have shape {shape}, but got {tuple(t.shape)}")
     if t.dtype != x.dtype:
-        raise TypeError(f"fused_bptt: {name} must have dtype {x.dtype} (the dtype of x), "
-                        f"but got {t.dtype}")
+        raise TypeError(
+            f"fused_bptt: {name} must have dtype {x.dtype} (the dtype of x), but got {t.dtype}"
+        )
     if t.device != x.device:
-        raise ValueError(f"fused_bptt: {name} must be on {x.device} (the device of x), "
-                         f"but is on {t.device}")
+        raise ValueError(
+            f"fused_bptt: {name} must be on {x.device} (the device of x), but is on {t.device}"
+        )
 
 
 def check_layer_args(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> None:
@@ -37,12 +41,17 @@ def check_layer_args(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None) ->
     if T < 1:
         raise ValueError("fused_bptt: x must hold at least one time step, but T = 0")
     if weight_hh.dim() != 2 or weight_hh.shape[0] != weight_hh.shape[1]:
-        raise ValueError(f"fused_bptt: weight_hh must be [H, H], but got shape "
-                         f"{tuple(weight_hh.shape)}")
+        raise ValueError(
+            f"fused_bptt: weight_hh must be [H, H], but got shape {tuple(weight_hh.shape)}"
+        )
     H = weight_hh.shape[0]
-    for name, t, shape in (("weight_hh", weight_hh, (H, H)), ("h0", h0, (B, H)),
-                           ("weight_ih", weight_ih, (H, I)), ("bias_ih", bias_ih, (H,)),
-                           ("bias_hh", bias_hh, (H,))):
+    for name, t, shape in (
+        ("weight_hh", weight_hh, (H, H)),
+        ("h0", h0, (B, H)),
+        ("weight_ih", weight_ih, (H, I)),
+        ("bias_ih", bias_ih, (H,)),
+        ("bias_hh", bias_hh, (H,)),
+    ):
         if t is not None:
             _check_tensor(name, t, shape, x)
 
@@ -58,3 +67,58 @@ def check_backward_args(grad_y, x, h0, weight_ih, weight_hh, y, grad_h_n=None) -
         _check_tensor(name, t, (T, B, H), x)
     if grad_h_n is not None:
         _check_tensor("grad_h_n", grad_h_n, (B, H), x)
+
+
+def check_boundaries(x, resets=None, lengths=None, *, values: bool = True) -> None:
+    """resets: bool [T, B]; lengths: int64 [B] with values in 1..T, both on x's device.
+
+    values=False skips the range check of lengths (it reads the data: not possible on fake
+    tensors, and a device sync on CUDA that the C++ kernels do anyway)."""
+    T, B = x.shape[0], x.shape[1]
+    if resets is not None:
+        if not isinstance(resets, Tensor):
+            raise TypeError(
+                f"fused_bptt: resets must be a bool Tensor [T, B], but got {type(resets).__name__}"
+            )
+        if resets.dtype != torch.bool:
+            raise TypeError(
+                f"fused_bptt: resets must be a bool tensor [T, B] (true where the "
+                f"state entering step t of row b is zero), but got dtype "
+                f"{resets.dtype}"
+            )
+        if tuple(resets.shape) != (T, B):
+            raise ValueError(
+                f"fused_bptt: resets must have shape [T, B] = {(T, B)}, but got "
+                f"{tuple(resets.shape)}"
+            )
+        if resets.device != x.device:
+            raise ValueError(
+                f"fused_bptt: resets must be on {x.device} (the device of x), but "
+                f"is on {resets.device}"
+            )
+    if lengths is not None:
+        if not isinstance(lengths, Tensor):
+            raise TypeError(
+                f"fused_bptt: lengths must be an int64 Tensor [B], but got {type(lengths).__name__}"
+            )
+        if lengths.dtype != torch.int64:
+            raise TypeError(
+                f"fused_bptt: lengths must be an int64 tensor [B] (the number of "
+                f"valid steps of each row), but got dtype {lengths.dtype}"
+            )
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(
+                f"fused_bptt: lengths must have shape [B] = {(B,)}, but got {tuple(lengths.shape)}"
+            )
+        if lengths.device != x.device:
+            raise ValueError(
+                f"fused_bptt: lengths must be on {x.device} (the device of x), but "
+                f"is on {lengths.device}"
+            )
+        if values and B > 0:
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 1 or hi > T:
+                raise ValueError(
+                    f"fused_bptt: lengths must lie in 1..T = 1..{T}, but got values "
+                    f"from {lo} to {hi}"
+                )

@@ -4,6 +4,7 @@ If _C cannot be used the package still imports: every call then runs the pure-Py
 and a warning saying why (not built; or built against another torch) and naming the rebuild
 command is given once.
 """
+
 import importlib
 import importlib.util
 import re
@@ -11,11 +12,13 @@ import warnings
 
 import torch
 
-from ._checks import check_backward_args, check_layer_args
+from ._checks import check_backward_args, check_boundaries, check_layer_args
 
 # No torch version in it: the package accepts a range, and the rebuild must use the torch installed.
-REINSTALL_COMMAND = ("pip install ninja && pip install --no-build-isolation --force-reinstall --no-deps .  "
-                     "(from the fused_bptt source checkout, in the environment that runs it)")
+REINSTALL_COMMAND = (
+    "pip install ninja && pip install --no-build-isolation --force-reinstall --no-deps .  "
+    "(from the fused_bptt source checkout, in the environment that runs it)"
+)
 
 # Put into the library by csrc/build_info.cpp, from setup.py.
 _BUILD_INFO = re.compile(rb"fused_bptt built against torch ([^\0\s]+)\0")
@@ -38,7 +41,10 @@ def load_problem(error, library_path, running=torch.__version__):
         return f"fused_bptt._C is not built ({error})"
     built = built_against(library_path)
     if built is not None and built != running:
-        return f"fused_bptt._C was built against torch {built}, running torch {running}: it must be rebuilt"
+        return (
+            f"fused_bptt._C was built against torch {built}, running torch {running}: "
+            f"it must be rebuilt"
+        )
     return f"fused_bptt._C could not be loaded ({error})"
 
 
@@ -75,15 +81,19 @@ def warn_not_loaded() -> None:
     warnings.warn(
         f"fused_bptt: {LOAD_ERROR}; using the slow pure-PyTorch reference backend. "
         f"Rebuild it with: {REINSTALL_COMMAND}",
-        RuntimeWarning, stacklevel=3)
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def has_kernel(dispatch_key: str) -> bool:
     """Whether both ops have a kernel registered for `dispatch_key` ("CPU" or "CUDA")."""
     if not loaded():
         return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_bptt::{op}", dispatch_key)
-               for op in ("rnn_forward", "rnn_backward"))
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_bptt::{op}", dispatch_key)
+        for op in ("rnn_forward", "rnn_backward")
+    )
 
 
 if loaded():
@@ -92,12 +102,23 @@ if loaded():
     # as the Meta kernels, so a meta tensor among CPU tensors is a device error here, never
     # uninitialised memory.
     @torch.library.register_fake("fused_bptt::rnn_forward")
-    def _rnn_forward_fake(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu):
+    def _rnn_forward_fake(
+        x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets=None, lengths=None
+    ):
         check_layer_args(x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+        check_boundaries(x, resets, lengths, values=False)
         return x.new_empty(x.shape[0], x.shape[1], weight_hh.shape[0])
 
     @torch.library.register_fake("fused_bptt::rnn_backward")
-    def _rnn_backward_fake(grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n=None):
+    def _rnn_backward_fake(
+        grad_y, x, h0, weight_ih, weight_hh, y, relu, grad_h_n=None, resets=None, lengths=None
+    ):
         check_backward_args(grad_y, x, h0, weight_ih, weight_hh, y, grad_h_n)
-        return (x.new_empty(x.shape), x.new_empty(h0.shape), x.new_empty(weight_ih.shape),
-                x.new_empty(weight_hh.shape), x.new_empty(weight_hh.shape[0]))
+        check_boundaries(x, resets, lengths, values=False)
+        return (
+            x.new_empty(x.shape),
+            x.new_empty(h0.shape),
+            x.new_empty(weight_ih.shape),
+            x.new_empty(weight_hh.shape),
+            x.new_empty(weight_hh.shape[0]),
+        )

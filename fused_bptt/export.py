@@ -23,6 +23,7 @@ its reverse direction reads the sequence from the end, as nn.RNN's does.
 Nothing here changes global state: the checks read torch's export flags, the graph is written
 through the public torch.onnx.ops API, and no translation table or exporter registry is touched.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -62,24 +63,26 @@ def onnx_forward(rnn: nn.RNN, input, hx: Optional[Tensor] = None) -> Tuple[Tenso
         raise NotImplementedError(
             "ONNX export of FusedRNN does not take a PackedSequence yet (variable lengths, ONNX "
             "RNN's sequence_lens, are not supported); export with a padded [T, B, I] tensor "
-            "([B, T, I] with batch_first) instead")
+            "([B, T, I] with batch_first) instead"
+        )
     if torch.jit.is_tracing():
         return nn.RNN.forward(rnn, input, hx)
     return _rnn_through_onnx_op(rnn, input, hx)
 
 
-def _rnn_through_onnx_op(rnn: nn.RNN, input: Tensor,
-                         hx: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _rnn_through_onnx_op(rnn: nn.RNN, input: Tensor, hx: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     if not hasattr(torch.onnx, "ops"):
         raise RuntimeError(
             f"exporting FusedRNN with the dynamo exporter needs torch >= 2.8 (torch.onnx.ops), "
             f"but this is torch {torch.__version__}; upgrade torch or pass dynamo=False to "
-            f"torch.onnx.export")
+            f"torch.onnx.export"
+        )
     if rnn.training and rnn.dropout > 0 and rnn.num_layers > 1:
         # ONNX RNN has no dropout between layers: exporting it would silently drop it.
         raise RuntimeError(
             f"FusedRNN has dropout={rnn.dropout} between layers and is in training mode, which "
-            f"ONNX RNN cannot express; call model.eval() before torch.onnx.export")
+            f"ONNX RNN cannot express; call model.eval() before torch.onnx.export"
+        )
     if input.dim() not in (2, 3):
         raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
     is_batched = input.dim() == 3
@@ -88,19 +91,23 @@ def _rnn_through_onnx_op(rnn: nn.RNN, input: Tensor,
         input = input.unsqueeze(batch_dim)
         if hx is not None:
             if hx.dim() != 2:
-                raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got "
-                                   f"{hx.dim()}-D tensor")
+                raise RuntimeError(
+                    f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                )
             hx = hx.unsqueeze(1)
     elif hx is not None and hx.dim() != 3:
-        raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got "
-                           f"{hx.dim()}-D tensor")
+        raise RuntimeError(
+            f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+        )
     if hx is None:
         rnn.check_input(input, None)
     else:
         rnn.check_forward_args(input, hx, None)
         if hx.dtype != input.dtype:
-            raise ValueError(f"RNN hx dtype ({hx.dtype}) does not match input dtype "
-                             f"({input.dtype}). Convert it: hx.to({input.dtype})")
+            raise ValueError(
+                f"RNN hx dtype ({hx.dtype}) does not match input dtype "
+                f"({input.dtype}). Convert it: hx.to({input.dtype})"
+            )
 
     x = input.transpose(0, 1) if rnn.batch_first else input
     num_directions = 2 if rnn.bidirectional else 1
@@ -109,19 +116,23 @@ def _rnn_through_onnx_op(rnn: nn.RNN, input: Tensor,
     finals = []
     for layer in range(rnn.num_layers):
         first = layer * num_directions
-        params = [[getattr(rnn, name) for name in rnn._all_weights[first + d]]
-                  for d in range(num_directions)]
+        params = [
+            [getattr(rnn, name) for name in rnn._all_weights[first + d]]
+            for d in range(num_directions)
+        ]
         weight = torch.stack([p[0] for p in params])
         recurrence = torch.stack([p[1] for p in params])
         bias = torch.stack([torch.cat([p[2], p[3]]) for p in params]) if rnn.bias else None
-        initial_h = None if hx is None else hx[first:first + num_directions]
+        initial_h = None if hx is None else hx[first : first + num_directions]
         y, h_last = torch.onnx.ops.symbolic_multi_out(
             "RNN",
             # X, W, R, B, sequence_lens, initial_h; None is an omitted optional input.
             [x, weight, recurrence, bias, None, initial_h],
-            {"activations": ["Relu" if rnn.nonlinearity == "relu" else "Tanh"] * num_directions,
-             "direction": "bidirectional" if rnn.bidirectional else "forward",
-             "hidden_size": hidden},
+            {
+                "activations": ["Relu" if rnn.nonlinearity == "relu" else "Tanh"] * num_directions,
+                "direction": "bidirectional" if rnn.bidirectional else "forward",
+                "hidden_size": hidden,
+            },
             dtypes=[x.dtype, x.dtype],
             shapes=[[seq_len, num_directions, batch, hidden], [num_directions, batch, hidden]],
         )

@@ -4,6 +4,8 @@ It subclasses torch.nn.RNN, so the constructor, parameter names, order, shapes, 
 state_dict, repr and the argument validation are nn.RNN's own; isinstance(m, nn.RNN) holds.
 Only forward differs: every (layer, direction) is one call of the fused op over the whole chunk.
 """
+
+from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -25,29 +27,68 @@ class FusedRNN(nn.RNN):
 
         rnn = FusedRNN(input_size=32, hidden_size=128, num_layers=2, batch_first=True)
         out, h_n = rnn(torch.randn(8, 100, 32))           # out: [8, 100, 128], h_n: [2, 8, 128]
+
+    forward also takes a PackedSequence (as nn.RNN does: a PackedSequence comes back, h_n holds
+    each sequence's last state) and, for tensor input, the keyword `resets`: a bool [T, B]
+    ([B, T] with batch_first) that zeroes the state entering step t of sequence b in every layer
+    and direction (the reverse direction sees the same boundaries).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 backend: str = "auto", **kwargs) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+        **kwargs,
+    ) -> None:
         check_backend_name(backend, "FusedRNN")
         # Other keywords (proj_size, ...) go to nn.RNN, which accepts or rejects them itself,
         # with its own errors.
-        super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
-                         dropout, bidirectional, device=device, dtype=dtype, **kwargs)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            nonlinearity,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
         self.backend = backend
 
     @classmethod
     def from_rnn(cls, rnn: nn.RNN, *, backend: str = "auto") -> "FusedRNN":
         """A FusedRNN with the configuration, weights, device, dtype and mode of `rnn`."""
         if not isinstance(rnn, nn.RNN):
-            raise TypeError(f"FusedRNN.from_rnn expects a torch.nn.RNN, but got "
-                            f"{type(rnn).__name__}")
+            raise TypeError(
+                f"FusedRNN.from_rnn expects a torch.nn.RNN, but got {type(rnn).__name__}"
+            )
         weight = rnn.weight_ih_l0
-        fused = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.nonlinearity, rnn.bias,
-                    rnn.batch_first, rnn.dropout, rnn.bidirectional, device=weight.device,
-                    dtype=weight.dtype, backend=backend)
+        fused = cls(
+            rnn.input_size,
+            rnn.hidden_size,
+            rnn.num_layers,
+            rnn.nonlinearity,
+            rnn.bias,
+            rnn.batch_first,
+            rnn.dropout,
+            rnn.bidirectional,
+            device=weight.device,
+            dtype=weight.dtype,
+            backend=backend,
+        )
         fused.load_state_dict(rnn.state_dict())
         fused.train(rnn.training)
         return fused
@@ -58,29 +99,47 @@ class FusedRNN(nn.RNN):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    # resets is positional-or-keyword, not keyword-only: the TorchScript ONNX exporter fills
+    # every parameter of forward positionally with its default.
+    def forward(
+        self, input: Tensor, hx: Optional[Tensor] = None, resets: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
         if onnx_export_active():  # torch.onnx.export: the graph is ONNX's RNN op (export.py)
+            if resets is not None:
+                raise NotImplementedError(
+                    "ONNX export of FusedRNN does not take resets: ONNX's RNN op has no state "
+                    "reset inside a sequence; export without resets"
+                )
             return onnx_forward(self, input, hx)
         if isinstance(input, PackedSequence):
-            raise NotImplementedError(
-                "FusedRNN does not take a PackedSequence yet; pad the batch "
-                "(torch.nn.utils.rnn.pad_packed_sequence) or use torch.nn.RNN for packed input")
+            if resets is not None:
+                raise ValueError(
+                    "FusedRNN: resets applies to tensor input; a PackedSequence "
+                    "already separates its sequences (pass resets=None)"
+                )
+            return forward_packed(self, input, hx)
         if input.dim() not in (2, 3):
-            raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor "
-                             f"instead")
+            raise ValueError(
+                f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
+            )
         num_directions = 2 if self.bidirectional else 1
         is_batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
+        if resets is not None:
+            resets = _resets_time_major(resets, input, self.batch_first)
         if not is_batched:
             input = input.unsqueeze(batch_dim)
             if hx is not None:
                 if hx.dim() != 2:
-                    raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got "
-                                       f"{hx.dim()}-D tensor")
+                    raise RuntimeError(
+                        f"For unbatched 2-D input, hx should also be 2-D but got "
+                        f"{hx.dim()}-D tensor"
+                    )
                 hx = hx.unsqueeze(1)
         elif hx is not None and hx.dim() != 3:
-            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got "
-                               f"{hx.dim()}-D tensor")
+            raise RuntimeError(
+                f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+            )
         weights = [getattr(self, name) for name in self._flat_weights_names]
         # Autocast: nn.RNN's policy (its op is on autocast's lower-precision list): floating
         # tensors other than float64 run in the autocast dtype, and so does the output.
@@ -89,16 +148,25 @@ class FusedRNN(nn.RNN):
             low = torch.get_autocast_dtype(input.device.type)
             input, hx, *weights = [_autocast_cast(t, low) for t in (input, hx, *weights)]
         if hx is None:
-            hx = torch.zeros(self.num_layers * num_directions, input.size(batch_dim),
-                             self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = torch.zeros(
+                self.num_layers * num_directions,
+                input.size(batch_dim),
+                self.hidden_size,
+                dtype=input.dtype,
+                device=input.device,
+            )
         if input.dtype != weights[0].dtype:
-            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype "
-                             f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
-                             f"or convert model: model.to({input.dtype})")
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype "
+                f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
+                f"or convert model: model.to({input.dtype})"
+            )
         self._check_sizes(input, hx)
         if hx.dtype != input.dtype:
-            raise ValueError(f"RNN hx dtype ({hx.dtype}) does not match input dtype "
-                             f"({input.dtype}). Convert it: hx.to({input.dtype})")
+            raise ValueError(
+                f"RNN hx dtype ({hx.dtype}) does not match input dtype "
+                f"({input.dtype}). Convert it: hx.to({input.dtype})"
+            )
         if self.batch_first:
             input = input.transpose(0, 1)
         if input.size(0) == 0:
@@ -106,9 +174,9 @@ class FusedRNN(nn.RNN):
 
         if autocast:
             with torch.autocast(input.device.type, enabled=False):
-                output, h_n = self._run_layers(input, hx, weights)
+                output, h_n = self._run_layers(input, hx, weights, resets)
         else:
-            output, h_n = self._run_layers(input, hx, weights)
+            output, h_n = self._run_layers(input, hx, weights, resets)
 
         if self.batch_first:
             output = output.transpose(0, 1)
@@ -122,35 +190,168 @@ class FusedRNN(nn.RNN):
         if input.dim() != 3:
             raise RuntimeError(f"input must have 3 dimensions, got {input.dim()}")
         if self.input_size != input.size(-1):
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {input.size(-1)}")
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected "
+                f"{self.input_size}, got {input.size(-1)}"
+            )
         self.check_hidden_size(hx, self.get_expected_hidden_size(input, None))
 
-    def _run_layers(self, x: Tensor, hx: Tensor, weights) -> Tuple[Tensor, Tensor]:
+    def _run_layers(
+        self,
+        x: Tensor,
+        hx: Tensor,
+        weights,
+        resets: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
         """x: [T, B, I] time-major, hx: [num_layers * num_directions, B, H], weights in
-        nn.RNN's order (_flat_weights_names). The module has checked every shape: each layer
-        goes straight to the backend (the ops check again, in C++)."""
+        nn.RNN's order (_flat_weights_names), resets [T, B] bool and lengths [B] int64 (both
+        checked) or None. The module has checked every shape: each layer goes straight to the
+        backend (the ops check again, in C++)."""
         num_directions = 2 if self.bidirectional else 1
         relu = self.nonlinearity == "relu"
         backend = resolve_backend(self.backend, x)
         per_layer = 4 if self.bias else 2
+        reverse = _Reversal(x, resets, lengths) if num_directions == 2 else None
         finals = []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
-                w = weights[index * per_layer:(index + 1) * per_layer]
+                w = weights[index * per_layer : (index + 1) * per_layer]
                 bias_ih, bias_hh = (w[2], w[3]) if self.bias else (None, None)
-                # The reverse direction is the forward recurrence over the time-flipped input.
-                layer_in = x if direction == 0 else x.flip(0)
-                y, h_last = layer_forward(backend, layer_in, hx[index], w[0], w[1], bias_ih,
-                                          bias_hh, relu)
-                outputs.append(y if direction == 0 else y.flip(0))
+                # The reverse direction is the forward recurrence over the time-flipped input
+                # (each sequence flipped within its own length).
+                if direction == 0:
+                    y, h_last = layer_forward(
+                        backend, x, hx[index], w[0], w[1], bias_ih, bias_hh, relu, resets, lengths
+                    )
+                else:
+                    y, h_last = layer_forward(
+                        backend,
+                        reverse.flip(x),
+                        hx[index],
+                        w[0],
+                        w[1],
+                        bias_ih,
+                        bias_hh,
+                        relu,
+                        reverse.resets,
+                        lengths,
+                    )
+                    y = reverse.flip(y)
+                outputs.append(y)
                 finals.append(h_last)
             x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
         return x, (finals[0].unsqueeze(0) if len(finals) == 1 else torch.stack(finals))
+
+
+class _Reversal:
+    """The time reversal of the reverse direction, within each sequence's own length.
+
+    Without lengths it is x.flip(0). With lengths, step t < lengths[b] of row b swaps with
+    lengths[b] - 1 - t and the padded steps stay (a gather; the same index undoes it).
+    A reset at t (a boundary between steps t-1 and t) is, in reversed time, a boundary between
+    reversed steps L-1-t and L-t: the reversed resets are resets[L - s] at s >= 1, none at 0.
+    """
+
+    def __init__(self, x: Tensor, resets: Optional[Tensor], lengths: Optional[Tensor]) -> None:
+        T = x.shape[0]
+        self.index = None
+        if lengths is not None:
+            t = torch.arange(T, device=x.device).unsqueeze(1)
+            self.index = torch.where(t < lengths, lengths - 1 - t, t)  # [T, B]
+        self.resets = None
+        if resets is not None:
+            flipped = resets.flip(0) if self.index is None else resets.gather(0, self.index)
+            self.resets = torch.cat([torch.zeros_like(resets[:1]), flipped[:-1]])
+
+    def flip(self, t: Tensor) -> Tensor:
+        if self.index is None:
+            return t.flip(0)
+        return t.gather(0, self.index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def _resets_time_major(resets, input: Tensor, batch_first: bool) -> Tensor:
+    """resets as the bool [T, B] the layers take, from the layout of `input`."""
+    batched = input.dim() == 3
+    T = input.shape[1 if batch_first and batched else 0]
+    B = input.shape[0 if batch_first else 1] if batched else None
+    layout = "[B, T]" if batch_first and batched else "[T, B]" if batched else "[T]"
+    expected = (B, T) if batch_first and batched else (T, B) if batched else (T,)
+    if not isinstance(resets, Tensor) or resets.dtype != torch.bool:
+        raise TypeError(
+            f"FusedRNN: resets must be a bool tensor {layout}, but got "
+            f"{resets.dtype if isinstance(resets, Tensor) else type(resets).__name__}"
+        )
+    if tuple(resets.shape) != expected:
+        raise ValueError(
+            f"FusedRNN: resets must have shape {layout} = {expected} for input of "
+            f"shape {tuple(input.shape)}, but got {tuple(resets.shape)}"
+        )
+    if resets.device != input.device:
+        raise ValueError(
+            f"FusedRNN: resets must be on {input.device} (the device of input), but "
+            f"is on {resets.device}"
+        )
+    if not batched:
+        return resets.unsqueeze(1)
+    return resets.t() if batch_first else resets
+
+
+def forward_packed(
+    rnn: "FusedRNN", packed: PackedSequence, hx: Optional[Tensor]
+) -> Tuple[PackedSequence, Tensor]:
+    """nn.RNN's forward on a PackedSequence: the sequences run as rows of a padded time-major
+    batch in the packed (length-descending) order, each with its length, so a row stops at its
+    own last step; the output is packed again and h_n put back in the caller's order."""
+    data, batch_sizes, sorted_indices, unsorted_indices = packed
+    num_directions = 2 if rnn.bidirectional else 1
+    max_batch = int(batch_sizes[0])
+    if hx is None:
+        hx = torch.zeros(
+            rnn.num_layers * num_directions,
+            max_batch,
+            rnn.hidden_size,
+            dtype=data.dtype,
+            device=data.device,
+        )
+    else:
+        hx = rnn.permute_hidden(hx, sorted_indices)
+    weights = [getattr(rnn, name) for name in rnn._flat_weights_names]
+    autocast = torch.is_autocast_enabled(data.device.type)
+    if autocast:
+        low = torch.get_autocast_dtype(data.device.type)
+        data, hx, *weights = [_autocast_cast(t, low) for t in (data, hx, *weights)]
+    if data.dtype != weights[0].dtype:
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype "
+            f"({weights[0].dtype}). Convert input: input.to({weights[0].dtype}), "
+            f"or convert model: model.to({data.dtype})"
+        )
+    rnn.check_forward_args(data, hx, batch_sizes)
+    if hx.dtype != data.dtype:
+        raise ValueError(
+            f"RNN hx dtype ({hx.dtype}) does not match input dtype "
+            f"({data.dtype}). Convert it: hx.to({data.dtype})"
+        )
+    # Packed row p is (t, b) of the padded batch, in row-major order: one index_copy pads, one
+    # index_select packs again (pad_packed_sequence / pack_padded_sequence copy step by step,
+    # and cost more than the layer).
+    T = batch_sizes.numel()
+    mask = torch.arange(max_batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
+    rows = mask.flatten().nonzero().squeeze(1).to(data.device)
+    lengths = mask.sum(0).to(data.device)
+    x = data.new_zeros(T * max_batch, data.shape[-1]).index_copy(0, rows, data)
+    with torch.autocast(data.device.type, enabled=False) if autocast else nullcontext():
+        y, h_n = rnn._run_layers(x.view(T, max_batch, -1), hx, weights, None, lengths)
+    out = y.reshape(T * max_batch, -1).index_select(0, rows)
+    return (
+        PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices),
+        rnn.permute_hidden(h_n, unsorted_indices),
+    )
 
 
 def _autocast_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -185,5 +386,7 @@ def _fused_class_for(cls: type) -> type:
     if cls.__bases__ == (nn.RNN,) and cls.__name__.startswith("Parametrized"):
         members = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
         return type(f"Parametrized{FusedRNN.__name__}", (FusedRNN,), members)
-    raise TypeError(f"swap_rnn: cannot swap {cls.__name__}, a subclass of torch.nn.RNN whose "
-                    f"forward may differ; build a FusedRNN with FusedRNN.from_rnn(module) instead")
+    raise TypeError(
+        f"swap_rnn: cannot swap {cls.__name__}, a subclass of torch.nn.RNN whose "
+        f"forward may differ; build a FusedRNN with FusedRNN.from_rnn(module) instead"
+    )

@@ -1,5 +1,6 @@
 """Devices, dtypes, backends, the tolerance table and the op-against-reference harness shared by
 the tests."""
+
 import pytest
 import torch
 
@@ -10,8 +11,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32]
 
 # Compared against the float64 reference computed from the same (rounded) inputs.
-# float32: the error of a T-step recurrence grows with T, H and the magnitude of the gradients; these
-# bounds hold for the sizes in the tests (T <= 40, H <= 70) with inputs of unit scale.
+# float32: the error of a T-step recurrence grows with T, H and the magnitude of the gradients;
+# these bounds hold for the sizes in the tests (T <= 40, H <= 70) with inputs of unit scale.
 TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=2e-4, atol=2e-5),
@@ -20,8 +21,9 @@ TOLERANCES = {
 
 def assert_close(actual, expected, dtype=None, name=""):
     dtype = dtype or actual.dtype
-    torch.testing.assert_close(actual.to(expected.dtype), expected, **TOLERANCES[dtype],
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual.to(expected.dtype), expected, **TOLERANCES[dtype], msg=lambda m: f"{name}: {m}"
+    )
 
 
 def compiled_backends():
@@ -59,27 +61,31 @@ def compare_to_reference(forward, backward, inputs, relu, grad_h_n=False, grad_s
     grads = backward(grad_y, x, h0, w_ih, w_hh, y, relu, ghn)
     up = [_cpu_float64(t) for t in inputs]
     y_ref = reference.rnn_forward(*up, relu=relu)
-    grads_ref = reference.rnn_backward(_cpu_float64(grad_y), *up[:4], _cpu_float64(y),
-                                       relu=relu, grad_h_n=_cpu_float64(ghn))
+    grads_ref = reference.rnn_backward(
+        _cpu_float64(grad_y), *up[:4], _cpu_float64(y), relu=relu, grad_h_n=_cpu_float64(ghn)
+    )
     for name, got, want in zip(("y",) + GRAD_NAMES, (y, *grads), (y_ref, *grads_ref)):
         where = f"{label} {name}".strip()
         assert got.dtype == x.dtype and got.device == x.device, (
-            f"{where}: {got.dtype} on {got.device}, expected {x.dtype} on {x.device}")
+            f"{where}: {got.dtype} on {got.device}, expected {x.dtype} on {x.device}"
+        )
         assert got.shape == want.shape, (
-            f"{where}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            f"{where}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        )
         assert_close(got.cpu(), want, dtype=x.dtype, name=where)
     return y, grads
 
 
 def make_layer_inputs(T, B, I, H, dtype, device="cpu", bias=True, seed=0, scale=1.0):
-    """Random x, h0, weights of one layer with unit-scale activations (weights ~ U(-1/sqrt(H), .))."""
+    """Random x, h0, weights of one layer, unit-scale activations (weights ~ U(-1/sqrt(H), .))."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, s=1.0):
         return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * s).to(
-            dtype=dtype, device=device)
+            dtype=dtype, device=device
+        )
 
-    k = 1.0 / H ** 0.5
+    k = 1.0 / H**0.5
     x = rand(T, B, I, s=scale)
     h0 = rand(B, H, s=0.5)
     w_ih, w_hh = rand(H, I, s=k), rand(H, H, s=k)
@@ -90,3 +96,11 @@ def make_layer_inputs(T, B, I, H, dtype, device="cpu", bias=True, seed=0, scale=
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def dtype(request):
     return request.param
+
+
+# bfloat16 / float16 (CPU kernels): float32 arithmetic, results rounded to the dtype (a relative
+# step of 2^-8 / 2^-11), errors growing a little over the steps. Elementwise bounds for outputs of
+# unit scale; tests/test_lowp.py holds whole tensors to normwise bounds and to nn.RNN's own error.
+TOLERANCES[torch.bfloat16] = dict(rtol=1.6e-2, atol=1.6e-2)
+TOLERANCES[torch.float16] = dict(rtol=2e-3, atol=2e-3)
+LOW_PRECISION_DTYPES = [torch.bfloat16, torch.float16]

@@ -14,6 +14,7 @@ Instruction classes (sm_80 / sm_90 spelling):
   the grid barrier (cooperative_groups): arrive = ATOM/RED ...STRONG.GPU, wait = a loop polling
   with LD.E.STRONG.GPU (ld.acquire.gpu)
 """
+
 import glob
 import os
 import re
@@ -46,7 +47,7 @@ class Kernel:
     def __init__(self, name):
         self.name = name
         self.instructions = []  # text without the address, predicate included
-        self.labels = {}        # label -> index of the instruction it precedes
+        self.labels = {}  # label -> index of the instruction it precedes
 
     def op(self, i):
         """The opcode with its modifiers, no predicate: '@!P2 LDG.E R4, [R2]' -> 'LDG.E'."""
@@ -65,8 +66,11 @@ class Kernel:
     def innermost_loops(self):
         """The loops with no loop inside them."""
         loops = self.loops()
-        return [(a, b) for a, b in loops
-                if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+        return [
+            (a, b)
+            for a, b in loops
+            if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)
+        ]
 
     def count(self, first, last, predicate):
         return sum(1 for i in range(first, last) if predicate(self.op(i)))
@@ -77,8 +81,9 @@ class Kernel:
 
 def disassemble(nvdisasm, cubin):
     """(architecture such as '80', {kernel name: Kernel}) of one cubin."""
-    out = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True,
-                         timeout=300).stdout
+    out = subprocess.run(
+        [nvdisasm, "-c", cubin], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
     arch = re.search(r"\.target\s+sm_(\d+)", out).group(1)
     kernels, current = {}, None
     for line in out.splitlines():
@@ -145,8 +150,10 @@ def async_staging_problems(kernel):
     for a, b in loops:
         ops = {kernel.op(i) for i in range(a, b + 1) if is_async_copy(kernel.op(i))}
         if any(".BYPASS" not in op or not op.endswith(".128") for op in ops):
-            problems.append(f"{kernel.name}: copies at {a}..{b} are {sorted(ops)}, expected "
-                            f"16-byte copies that bypass L1")
+            problems.append(
+                f"{kernel.name}: copies at {a}..{b} are {sorted(ops)}, expected "
+                f"16-byte copies that bypass L1"
+            )
         if kernel.count(a, b + 1, is_async_wait):
             problems.append(f"{kernel.name}: the copy loop at {a}..{b} waits inside the loop")
     return problems
@@ -155,16 +162,21 @@ def async_staging_problems(kernel):
 def scalar_staging_problems(kernel, min_loads):
     """Fix 1, unaligned rows: every loop that moves __ldcg loads into shared memory issues at
     least `min_loads` of them before its first shared store."""
-    loops = [(a, b) for a, b in kernel.innermost_loops()
-             if kernel.count(a, b + 1, is_ldcg) and kernel.count(a, b + 1, is_shared_store)]
+    loops = [
+        (a, b)
+        for a, b in kernel.innermost_loops()
+        if kernel.count(a, b + 1, is_ldcg) and kernel.count(a, b + 1, is_shared_store)
+    ]
     if not loops:
         return [f"{kernel.name}: no loop stages __ldcg loads into shared memory"]
     problems = []
     for a, b in loops:
         before = kernel.count(a, kernel.first(a, b + 1, is_shared_store), is_ldcg)
         if before < min_loads:
-            problems.append(f"{kernel.name}: staging loop at {a}..{b} has {before} __ldcg loads "
-                            f"before its first shared store, expected >= {min_loads}")
+            problems.append(
+                f"{kernel.name}: staging loop at {a}..{b} has {before} __ldcg loads "
+                f"before its first shared store, expected >= {min_loads}"
+            )
     return problems
 
 
@@ -173,12 +185,17 @@ def matvec_problems(kernel, min_fma, min_loads, min_loads_first):
     `min_loads` shared loads, of which at least `min_loads_first` come before its first FMA."""
     for a, b in kernel.innermost_loops():
         fma = kernel.first(a, b, is_fma)
-        if (fma is not None and kernel.count(a, b, is_fma) >= min_fma
-                and kernel.count(a, b, is_shared_load) >= min_loads
-                and kernel.count(a, fma, is_shared_load) >= min_loads_first):
+        if (
+            fma is not None
+            and kernel.count(a, b, is_fma) >= min_fma
+            and kernel.count(a, b, is_shared_load) >= min_loads
+            and kernel.count(a, fma, is_shared_load) >= min_loads_first
+        ):
             return []
-    return [f"{kernel.name}: no loop with >= {min_fma} FMAs and >= {min_loads} shared loads, "
-            f">= {min_loads_first} of them before the first FMA (the unrolled matrix-vector loop)"]
+    return [
+        f"{kernel.name}: no loop with >= {min_fma} FMAs and >= {min_loads} shared loads, "
+        f">= {min_loads_first} of them before the first FMA (the unrolled matrix-vector loop)"
+    ]
 
 
 def _step_loop(kernel):
@@ -200,8 +217,10 @@ def prefetch_problems(kernel, min_loads):
         return [f"{kernel.name}: no time-step loop around a grid-barrier wait"]
     n = kernel.count(step[0], poll[0], is_plain_global_load)
     if n < min_loads:
-        return [f"{kernel.name}: {n} global loads before the grid-barrier wait in the step loop "
-                f"{step[0]}..{step[1]}, expected >= {min_loads} (inputs loaded ahead)"]
+        return [
+            f"{kernel.name}: {n} global loads before the grid-barrier wait in the step loop "
+            f"{step[0]}..{step[1]}, expected >= {min_loads} (inputs loaded ahead)"
+        ]
     return []
 
 
@@ -217,6 +236,8 @@ def overlap_problems(kernel, min_loads):
         return [f"{kernel.name}: no grid-barrier arrive in the step loop {step[0]}..{step[1]}"]
     n = kernel.count(arrive, step[1], is_plain_global_load)
     if n < min_loads:
-        return [f"{kernel.name}: {n} global loads between the grid-barrier arrive and the end of "
-                f"the step loop, expected >= {min_loads}"]
+        return [
+            f"{kernel.name}: {n} global loads between the grid-barrier arrive and the end of "
+            f"the step loop, expected >= {min_loads}"
+        ]
     return []

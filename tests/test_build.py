@@ -2,6 +2,7 @@
 compile), the torch version compiled into _C, the import guard's messages, and the one C++ standard
 every compile uses. tools/compat.sh is the slow, real counterpart (results in README).
 """
+
 import os
 import re
 import runpy
@@ -34,6 +35,7 @@ def fake_torch(path, version="2.15.0+cu132"):
 
 # ---- plain `pip install .`: stop at once, with the one-line fix ----------------------------------
 
+
 def test_no_torch_in_the_build_environment_stops_with_the_fix():
     def no_torch(name):
         raise ImportError(f"No module named '{name}'")
@@ -41,11 +43,14 @@ def test_no_torch_in_the_build_environment_stops_with_the_fix():
     assert stop_message(SETUP["import_build_torch"], no_torch).endswith(FIX)
 
 
-@pytest.mark.parametrize("path", [
-    "/tmp/pip-build-env-x1y2z3/overlay/lib/python3.11/site-packages/torch/__init__.py",  # pip
-    "/tmp/build-env-abc123/lib/python3.11/site-packages/torch/__init__.py",  # pypa/build
-    "/root/.cache/uv/builds-v0/.tmpAbC/lib/python3.11/site-packages/torch/__init__.py",  # uv
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tmp/pip-build-env-x1y2z3/overlay/lib/python3.11/site-packages/torch/__init__.py",  # pip
+        "/tmp/build-env-abc123/lib/python3.11/site-packages/torch/__init__.py",  # pypa/build
+        "/root/.cache/uv/builds-v0/.tmpAbC/lib/python3.11/site-packages/torch/__init__.py",  # uv
+    ],
+)
 def test_torch_of_a_temporary_build_environment_stops(path):
     message = stop_message(SETUP["import_build_torch"], lambda name: fake_torch(path))
     assert "2.15.0+cu132" in message and message.endswith(FIX)
@@ -66,10 +71,20 @@ def test_torch_is_not_a_declared_build_requirement():
 
 # ---- the torch range: what tools/compat.sh verified ----------------------------------------------
 
-@pytest.mark.parametrize("version,inside", [
-    ("2.13.0+cpu", True), ("2.14.1+cu130", True), ("2.15.0+cu132", True), ("2.15.0", True),
-    ("2.12.1", False), ("2.15.1", False), ("2.16.0.dev20260101+cu132", False), ("2.13", True),
-])
+
+@pytest.mark.parametrize(
+    "version,inside",
+    [
+        ("2.13.0+cpu", True),
+        ("2.14.1+cu130", True),
+        ("2.15.0+cu132", True),
+        ("2.15.0", True),
+        ("2.12.1", False),
+        ("2.15.1", False),
+        ("2.16.0.dev20260101+cu132", False),
+        ("2.13", True),
+    ],
+)
 def test_in_range_ignores_the_local_part(version, inside):
     assert SETUP["in_range"](version, ">=2.13.0,<=2.15.0") is inside
 
@@ -77,7 +92,9 @@ def test_in_range_ignores_the_local_part(version, inside):
 def test_torch_outside_the_range_stops_unless_asked():
     message = stop_message(SETUP["check_torch_version"], "2.16.0", ">=2.13.0,<=2.15.0", {})
     assert "2.16.0" in message and "FUSED_BPTT_UNVERIFIED_TORCH=1" in message
-    SETUP["check_torch_version"]("2.16.0", ">=2.13.0,<=2.15.0", {"FUSED_BPTT_UNVERIFIED_TORCH": "1"})
+    SETUP["check_torch_version"](
+        "2.16.0", ">=2.13.0,<=2.15.0", {"FUSED_BPTT_UNVERIFIED_TORCH": "1"}
+    )
     SETUP["check_torch_version"]("2.14.1+cu130", ">=2.13.0,<=2.15.0", {})
 
 
@@ -93,6 +110,7 @@ def test_range_is_what_the_readme_reports_as_verified():
 
 
 # ---- CUDA_HOME -----------------------------------------------------------------------------------
+
 
 def fake_toolkit(tmp_path, release="13.0", cudart=True):
     (tmp_path / "bin").mkdir(parents=True)
@@ -141,7 +159,10 @@ def test_arch_list_is_passed_as_flags_not_through_the_environment():
     # torch adds its own arch flags (from TORCH_CUDA_ARCH_LIST or the visible GPUs) only where the
     # nvcc flags hold none, i.e. no flag containing "arch".
     assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-    assert SETUP["cuda_arch_flags"]({"TORCH_CUDA_ARCH_LIST": "8.6"}) == ([], "TORCH_CUDA_ARCH_LIST=8.6")
+    assert SETUP["cuda_arch_flags"]({"TORCH_CUDA_ARCH_LIST": "8.6"}) == (
+        [],
+        "TORCH_CUDA_ARCH_LIST=8.6",
+    )
 
 
 def test_setup_does_not_write_the_environment(capsys):
@@ -150,10 +171,13 @@ def test_setup_does_not_write_the_environment(capsys):
     assert dict(os.environ) == before
     assert "CUDA ops: no (FORCE_CUDA=0)" in capsys.readouterr().out
     source = (ROOT / "setup.py").read_text()
-    assert not re.search(r"os\.environ\[[^]]*\]\s*=|os\.environ\.(setdefault|update)|putenv", source)
+    assert not re.search(
+        r"os\.environ\[[^]]*\]\s*=|os\.environ\.(setdefault|update)|putenv", source
+    )
 
 
 # ---- which torch _C was built against, and the import guard --------------------------------------
+
 
 def test_build_info_round_trip(tmp_path):
     define = SETUP["build_info_define"]("2.14.1+cu130")
@@ -174,22 +198,30 @@ def test_load_problem_tells_a_mismatch_from_a_missing_build(tmp_path):
     library.write_bytes(b"fused_bptt built against torch 2.14.1+cu130\0")
     error = ImportError("undefined symbol: _ZN3c10...")
     assert _ops.load_problem(error, str(library), running="2.13.0+cpu") == (
-        "fused_bptt._C was built against torch 2.14.1+cu130, running torch 2.13.0+cpu: it must be rebuilt")
-    assert "could not be loaded (undefined symbol" in _ops.load_problem(error, str(library),
-                                                                        running="2.14.1+cu130")
+        "fused_bptt._C was built against torch 2.14.1+cu130, running torch 2.13.0+cpu: "
+        "it must be rebuilt"
+    )
+    assert "could not be loaded (undefined symbol" in _ops.load_problem(
+        error, str(library), running="2.14.1+cu130"
+    )
     assert "is not built" in _ops.load_problem(ImportError("No module named 'fused_bptt._C'"), None)
 
 
 def test_reinstall_command_pins_no_torch():
-    assert "torch==" not in _ops.REINSTALL_COMMAND and "--no-build-isolation" in _ops.REINSTALL_COMMAND
+    assert (
+        "torch==" not in _ops.REINSTALL_COMMAND and "--no-build-isolation" in _ops.REINSTALL_COMMAND
+    )
 
 
-# ---- one C++ standard everywhere ------------------------------------------------------------------
+# ---- one C++ standard everywhere -----------------------------------------------------------
+
 
 def test_every_compile_uses_the_standard_of_setup():
     flags = {}
     for directory, subdirs, names in os.walk(ROOT):
-        subdirs[:] = [d for d in subdirs if d not in ("build", "dist", ".git") and not d.startswith("venv")]
+        subdirs[:] = [
+            d for d in subdirs if d not in ("build", "dist", ".git") and not d.startswith("venv")
+        ]
         for name in names:
             if name.endswith((".py", ".sh", ".cpp", ".cu", ".h", ".cuh", ".toml")):
                 text = Path(directory, name).read_text(errors="replace")

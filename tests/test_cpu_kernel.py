@@ -7,15 +7,16 @@ Paths, chosen through environment variables the ops read on every call:
         blas: every step through the BLAS GEMM + the fused elementwise pass (the large-H path)
     FUSED_BPTT_CPU_ISA = avx512 | avx2 | sse2 caps the instruction set of the step kernel.
 """
+
 import pytest
 import torch
 
+from conftest import GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
 from fused_bptt import _ops, reference
 
-from conftest import GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
-
-pytestmark = pytest.mark.skipif(not _ops.has_kernel("CPU"),
-                                reason="fused_bptt._C with CPU kernels is not built")
+pytestmark = pytest.mark.skipif(
+    not _ops.has_kernel("CPU"), reason="fused_bptt._C with CPU kernels is not built"
+)
 
 ops = torch.ops.fused_bptt if _ops.loaded() else None
 
@@ -26,8 +27,15 @@ ISAS = {"AVX512": ["avx512", "avx2", "sse2"], "AVX2": ["avx2", "sse2"]}.get(_CAP
 
 # (T, B, I, H): T = 1 and B = 1, I != H, and H around the vector widths (4/8/16 lanes, column
 # blocks of 8..64) so that full tiles, single vectors and scalar tail columns all run.
-SHAPES = [(1, 1, 1, 1), (1, 3, 5, 17), (4, 1, 3, 65), (6, 5, 17, 3), (3, 6, 65, 17),
-          (5, 4, 8, 33), (3, 9, 4, 70)]
+SHAPES = [
+    (1, 1, 1, 1),
+    (1, 3, 5, 17),
+    (4, 1, 3, 65),
+    (6, 5, 17, 3),
+    (3, 6, 65, 17),
+    (5, 4, 8, 33),
+    (3, 9, 4, 70),
+]
 # Big enough (T * B * H * H >= 2^18, B = 2 register tiles) for the recurrence to split its batch
 # rows over two threads; H = 130 > 128 also runs the k-chunked tiles.
 PARALLEL_SHAPE = (5, 8, 7, 130)
@@ -36,8 +44,14 @@ PARALLEL_SHAPE = (5, 8, 7, 130)
 def check_against_reference(shape, dtype, relu, bias=True, grad_h_n=False):
     """The compiled ops against the float64 reference (conftest.compare_to_reference)."""
     inputs = make_layer_inputs(*shape, dtype, bias=bias)
-    return compare_to_reference(ops.rnn_forward, ops.rnn_backward, inputs, relu,
-                                grad_h_n=grad_h_n, label=f"{shape} relu={relu}")
+    return compare_to_reference(
+        ops.rnn_forward,
+        ops.rnn_backward,
+        inputs,
+        relu,
+        grad_h_n=grad_h_n,
+        label=f"{shape} relu={relu}",
+    )
 
 
 @pytest.mark.parametrize("mode", GEMM_MODES)
@@ -101,7 +115,9 @@ def test_same_result_for_any_thread_count(monkeypatch, restore_threads, mode):
         y, grads = check_against_reference(PARALLEL_SHAPE, torch.float64, relu=False)
         results.append((y, *grads))
     for name, a, b in zip(("y",) + GRAD_NAMES, *results):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=1e-13, atol=1e-13, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("mode", GEMM_MODES)
@@ -135,6 +151,7 @@ def test_rejects_unknown_switch_values(monkeypatch):
         ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", "auto")
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", "avx9000")
-    with pytest.raises(RuntimeError,
-                       match="FUSED_BPTT_CPU_ISA must be one of auto, avx512, avx2, sse2"):
+    with pytest.raises(
+        RuntimeError, match="FUSED_BPTT_CPU_ISA must be one of auto, avx512, avx2, sse2"
+    ):
         ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)

@@ -6,12 +6,13 @@ rule, determinism, a non-default stream, non-contiguous inputs.
 Skipped where torch.cuda.is_available() is False. Where a GPU exists but fused_bptt._C was built
 without its CUDA ops, the tests fail: that build is broken for this machine.
 """
+
 import pytest
 import torch
 
 import fused_bptt
-from fused_bptt import _ops, reference
 from conftest import GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
+from fused_bptt import _ops, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -26,7 +27,8 @@ def cuda_ops_built():
     assert _ops.has_kernel("CUDA"), (
         "a CUDA device is present but fused_bptt._C has no CUDA kernels: rebuild with nvcc and a "
         "CUDA torch (FORCE_CUDA=1 pip install --no-build-isolation .); load error: "
-        f"{_ops.LOAD_ERROR}")
+        f"{_ops.LOAD_ERROR}"
+    )
 
 
 @pytest.fixture(params=["auto", "persistent", "per_step"])
@@ -53,8 +55,7 @@ def kernels_launched(fn):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out = fn()
         torch.cuda.synchronize()
-    names = {e.name for e in prof.events()
-             if e.device_type == torch.autograd.DeviceType.CUDA}
+    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
     assert names, "the profiler saw no CUDA kernel: cannot tell which path ran"
     return out, names
 
@@ -76,8 +77,11 @@ def assert_path(path, names):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_ops_match_reference(shape, relu, bias, dtype, path):
     inputs = make_layer_inputs(*shape, dtype, device="cuda", bias=bias)
-    _, names = kernels_launched(lambda: compare_to_reference(
-        ops.rnn_forward, ops.rnn_backward, inputs, relu, grad_h_n=bias, label=f"{shape} {path}"))
+    _, names = kernels_launched(
+        lambda: compare_to_reference(
+            ops.rnn_forward, ops.rnn_backward, inputs, relu, grad_h_n=bias, label=f"{shape} {path}"
+        )
+    )
     assert_path(path, names)
 
 
@@ -89,14 +93,19 @@ def test_cuda_large_hidden_runs_persistent(dtype, monkeypatch):
     monkeypatch.setenv("FUSED_BPTT_CUDA_PATH", "persistent")
     inputs = make_layer_inputs(4, 8, 16, 1024, dtype, device="cuda")
     try:
-        _, names = kernels_launched(lambda: compare_to_reference(
-            ops.rnn_forward, ops.rnn_backward, inputs, False, label="H=1024"))
+        _, names = kernels_launched(
+            lambda: compare_to_reference(
+                ops.rnn_forward, ops.rnn_backward, inputs, False, label="H=1024"
+            )
+        )
     except RuntimeError as error:
         if "cannot run this shape" not in str(error):
             raise
         optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-        pytest.skip(f"{torch.cuda.get_device_name()} ({optin} bytes of shared memory per block) "
-                    f"cannot run H = 1024 in {dtype} persistently: {error}")
+        pytest.skip(
+            f"{torch.cuda.get_device_name()} ({optin} bytes of shared memory per block) "
+            f"cannot run H = 1024 in {dtype} persistently: {error}"
+        )
     assert_path("persistent", names)
 
 
@@ -105,8 +114,11 @@ def test_cuda_auto_falls_back_when_the_slice_cannot_fit(monkeypatch):
     per-step path, and it is right."""
     monkeypatch.setenv("FUSED_BPTT_CUDA_PATH", "auto")
     inputs = make_layer_inputs(3, 4, 8, 4096, torch.float64, device="cuda")
-    _, names = kernels_launched(lambda: compare_to_reference(
-        ops.rnn_forward, ops.rnn_backward, inputs, False, label="H=4096"))
+    _, names = kernels_launched(
+        lambda: compare_to_reference(
+            ops.rnn_forward, ops.rnn_backward, inputs, False, label="H=4096"
+        )
+    )
     assert_path("per_step", names)
 
 
@@ -137,8 +149,9 @@ def test_cuda_relu_backward_passes_nan_like_autograd(path_name, monkeypatch):
 
 def test_cuda_backward_is_deterministic(path):
     for B in (16, 64):  # 64: the batch in groups of blocks, their dW_hh shares summed
-        x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(32, B, 8, 256, torch.float32,
-                                                          device="cuda")
+        x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(
+            32, B, 8, 256, torch.float32, device="cuda"
+        )
         y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
         grad_y = torch.randn_like(y)
         first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
@@ -151,8 +164,11 @@ def test_cuda_host_queries_are_cached(monkeypatch):
     """Device attributes, the shared-memory opt-in and the occupancy query are asked once per
     device, kernel and size: a repeated call makes none of those driver calls."""
     monkeypatch.setenv("FUSED_BPTT_CUDA_PATH", "persistent")
-    queries = ("cudaFuncSetAttribute", "cudaOccupancyMaxActiveBlocksPerMultiprocessor",
-               "cudaDeviceGetAttribute")
+    queries = (
+        "cudaFuncSetAttribute",
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor",
+        "cudaDeviceGetAttribute",
+    )
     # A batch size no other test uses: the first call misses the occupancy cache.
     x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(3, 29, 8, 96, torch.float32, device="cuda")
 
@@ -178,8 +194,10 @@ def test_cuda_calls_from_several_threads():
     import concurrent.futures
 
     shapes = [(6, B, 8, H) for B in (3, 40) for H in (64, 200)]
-    inputs = [make_layer_inputs(*shape, torch.float64, device="cuda", seed=i)
-              for i, shape in enumerate(shapes)]
+    inputs = [
+        make_layer_inputs(*shape, torch.float64, device="cuda", seed=i)
+        for i, shape in enumerate(shapes)
+    ]
     expected = [ops.rnn_forward(*inp, False) for inp in inputs]
     torch.cuda.synchronize()
 
@@ -236,4 +254,6 @@ def test_fused_rnn_cuda_matches_cudnn(nonlinearity, no_tf32):
     grads_ref = torch.autograd.grad(out_ref, list(cudnn.parameters()), grad)
     grads = torch.autograd.grad(out, list(fused.parameters()), grad)
     for (name, _), g, r in zip(cudnn.named_parameters(), grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            g, r, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -14,6 +14,7 @@ Two builds, both from the unchanged kernel source:
 What the emulation cannot check (memory ordering, occupancy, timing, fast-math) is listed at the
 top of tests/emu/simt_emu.h; tests/test_cuda.py checks those kernels on a real GPU.
 """
+
 import hashlib
 import os
 import shutil
@@ -23,8 +24,8 @@ import tempfile
 import pytest
 import torch
 
-from fused_bptt import _ops, reference
 from conftest import GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
+from fused_bptt import _ops, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -33,7 +34,8 @@ EMU = os.path.join(ROOT, "tests", "emu")
 _CHECKOUT = hashlib.sha1(ROOT.encode()).hexdigest()[:8]
 BUILD_ROOT = os.environ.get(
     "FUSED_BPTT_EMU_BUILD",
-    os.path.join(tempfile.gettempdir(), f"fused_bptt_emu_{_CHECKOUT}_torch{torch.__version__}"))
+    os.path.join(tempfile.gettempdir(), f"fused_bptt_emu_{_CHECKOUT}_torch{torch.__version__}"),
+)
 # The kernels' `#pragma unroll` is CUDA's; GCC before 13 cannot be told to ignore it from source.
 EMU_WARNINGS = ["-Wno-unknown-pragmas"]
 # A deadlocked emulated launch aborts after this many seconds instead of hanging the test run.
@@ -93,11 +95,15 @@ def _build_emulated_ops():
     global _fragment
     build_dir = os.path.join(BUILD_ROOT, "ops")
     os.makedirs(build_dir, exist_ok=True)
-    cpp_extension.load(name="fused_bptt_emu", sources=[os.path.join(EMU, "rnn_emu.cpp"),
-                                                       os.path.join(CSRC, "checks.cpp")],
-                       extra_include_paths=[CSRC], extra_cflags=["-std=c++20", "-O2", "-Wall"]
-                       + EMU_WARNINGS,
-                       build_directory=build_dir, is_python_module=False, verbose=False)
+    cpp_extension.load(
+        name="fused_bptt_emu",
+        sources=[os.path.join(EMU, "rnn_emu.cpp"), os.path.join(CSRC, "checks.cpp")],
+        extra_include_paths=[CSRC],
+        extra_cflags=["-std=c++20", "-O2", "-Wall"] + EMU_WARNINGS,
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=False,
+    )
     if _fragment is None:
         # The real ops' schemas, renamed into fused_bptt_emu: the emulated ops take exactly the
         # arguments fused_bptt._C's do.
@@ -113,8 +119,10 @@ def emu():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler to build the emulated CUDA ops")
     if not _ops.loaded():
-        pytest.skip(f"fused_bptt._C, whose op schemas the emulated ops take, did not load: "
-                    f"{_ops.LOAD_ERROR}")
+        pytest.skip(
+            f"fused_bptt._C, whose op schemas the emulated ops take, did not load: "
+            f"{_ops.LOAD_ERROR}"
+        )
     return _build_emulated_ops()
 
 
@@ -144,7 +152,8 @@ def assert_path(case, records):
     for direction, rec in zip(["forward", "backward"], records):
         assert bool(rec[0]) == persistent, (
             f"{case} {direction}: expected the {'persistent' if persistent else 'per-step'} "
-            f"path, ran {dict(zip(LAUNCH_FIELDS, rec))}")
+            f"path, ran {dict(zip(LAUNCH_FIELDS, rec))}"
+        )
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -155,14 +164,17 @@ def test_emulated_matches_reference_float64(emu, case, relu, bias):
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
-@pytest.mark.parametrize("case", ["short_last_slice", "batch_groups", "wide_slices", "row_tiles",
-                                  "not_coresident", "refused"])
+@pytest.mark.parametrize(
+    "case",
+    ["short_last_slice", "batch_groups", "wide_slices", "row_tiles", "not_coresident", "refused"],
+)
 def test_emulated_matches_reference_float32(emu, case, relu):
     assert_path(case, launches(emu, case, torch.float32, relu, True))
 
 
-@pytest.mark.parametrize("case", ["T1", "short_last_slice", "batch_groups", "row_tiles",
-                                  "per_step_forced", "refused"])
+@pytest.mark.parametrize(
+    "case", ["T1", "short_last_slice", "batch_groups", "row_tiles", "per_step_forced", "refused"]
+)
 def test_emulated_grad_h_n(emu, case):
     """grad_h_n joins grad_y[T-1] inside the kernels (persistent and per-step)."""
     assert_path(case, launches(emu, case, torch.float64, False, True, grad_h_n=True))
@@ -246,8 +258,9 @@ def test_emulated_non_contiguous_inputs(emu):
     assert emu.last_launch()[0] == 1
     assert_close(y, reference.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh), name="y")
     grads = emu.rnn_backward(grad_y, x_nc, h0_off, w_ih, w_hh_nc, y, False, ghn)
-    grads_ref = reference.rnn_backward(grad_y.contiguous(), x, h0, w_ih, w_hh, y,
-                                       grad_h_n=ghn.contiguous())
+    grads_ref = reference.rnn_backward(
+        grad_y.contiguous(), x, h0, w_ih, w_hh, y, grad_h_n=ghn.contiguous()
+    )
     for name, g, r in zip(GRAD_NAMES, grads, grads_ref):
         assert_close(g, r, name=name)
 
@@ -280,6 +293,7 @@ def test_emulated_empty_batch(emu):
 
 # ---- ThreadSanitizer on the kernels, without torch ------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tsan_binary():
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -288,8 +302,21 @@ def tsan_binary():
     out_dir = os.path.join(BUILD_ROOT, "tsan")
     os.makedirs(out_dir, exist_ok=True)
     exe = os.path.join(out_dir, "tsan_main")
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-Wall", "-Wextra", "-Werror",
-           *EMU_WARNINGS, f"-I{CSRC}", os.path.join(EMU, "tsan_main.cpp"), "-o", exe]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-fsanitize=thread",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        *EMU_WARNINGS,
+        f"-I{CSRC}",
+        os.path.join(EMU, "tsan_main.cpp"),
+        "-o",
+        exe,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"TSan build failed:\n{' '.join(cmd)}\n{done.stderr}"
     return exe
@@ -301,8 +328,13 @@ def run_tsan(exe, mode):
     out = done.stdout + done.stderr
     if "unexpected memory mapping" in out and shutil.which("setarch"):
         # Kernels with high mmap ASLR entropy break TSan's shadow memory: run without ASLR.
-        done = subprocess.run(["setarch", os.uname().machine, "-R", exe, mode],
-                              capture_output=True, text=True, timeout=180, env=env)
+        done = subprocess.run(
+            ["setarch", os.uname().machine, "-R", exe, mode],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+        )
         out = done.stdout + done.stderr
     return done.returncode, out
 
@@ -328,12 +360,15 @@ def test_tsan_flags_a_racy_kernel(tsan_binary):
     assert rc == 66, out
 
 
-@pytest.mark.parametrize("mode, message", [
-    ("partial_warp", "not exactly the warp's live lanes"),
-    ("grid_sync", "grid barrier outside a cooperative launch"),
-    ("early_exit", "returned from the kernel while others wait at a grid barrier"),
-    ("misaligned", "misaligned vector access"),
-])
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("partial_warp", "not exactly the warp's live lanes"),
+        ("grid_sync", "grid barrier outside a cooperative launch"),
+        ("early_exit", "returned from the kernel while others wait at a grid barrier"),
+        ("misaligned", "misaligned vector access"),
+    ],
+)
 def test_emulator_aborts_on_misuse(tsan_binary, mode, message):
     rc, out = run_tsan(tsan_binary, mode)
     assert rc != 0 and message in out, f"rc={rc}\n{out}"

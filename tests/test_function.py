@@ -1,4 +1,5 @@
 """The functional API: backend choice, its errors, and the fallback when _C is missing."""
+
 import subprocess
 import sys
 import textwrap
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 import fused_bptt
-from fused_bptt.function import resolve_backend
 from conftest import make_layer_inputs
+from fused_bptt.function import resolve_backend
 
 
 def test_available_backends_order_and_content():
@@ -22,8 +23,10 @@ def test_auto_picks_the_compiled_backend_for_cpu_float():
     x = torch.zeros(2, 1, 1)
     assert resolve_backend("auto", x) == "cpp"
     assert resolve_backend("auto", x.double()) == "cpp"
-    # Kernels are float32/float64 only: other dtypes fall back to the reference, not to an error.
-    assert resolve_backend("auto", x.bfloat16()) == "reference"
+    # The CPU kernels take bfloat16 and float16 too; dtypes no kernel takes go to the reference.
+    assert resolve_backend("auto", x.bfloat16()) == "cpp"
+    assert resolve_backend("auto", x.half()) == "cpp"
+    assert resolve_backend("auto", x.to(torch.complex64)) == "reference"
 
 
 def test_backend_errors():
@@ -33,8 +36,11 @@ def test_backend_errors():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available here"):
             fused_bptt.rnn_tanh(x, h0, w_ih, w_hh, backend="cuda")
-    with pytest.raises(TypeError, match="supports float32 and float64, but x is torch.float16"):
-        fused_bptt.rnn_tanh(x.half(), h0.half(), w_ih.half(), w_hh.half(), backend="cpp")
+    with pytest.raises(
+        TypeError, match="supports float32, float64, bfloat16, float16, but x is torch.complex64"
+    ):
+        c = [t.to(torch.complex64) for t in (x, h0, w_ih, w_hh)]
+        fused_bptt.rnn_tanh(*c, backend="cpp")
 
 
 def test_functional_argument_errors():
@@ -60,8 +66,9 @@ def test_relu_and_tanh_differ_and_match_reference():
     y_r, hn_r = fused_bptt.rnn_relu(*inputs)
     assert torch.equal(hn_t, y_t[-1]) and torch.equal(hn_r, y_r[-1])
     assert (y_r >= 0).all() and (y_t < 0).any()
-    torch.testing.assert_close(y_r, fused_bptt.reference.rnn_forward(*inputs, relu=True),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        y_r, fused_bptt.reference.rnn_forward(*inputs, relu=True), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_h_n_does_not_alias_y():
@@ -97,8 +104,9 @@ def test_package_imports_and_falls_back_without_the_extension():
             raise AssertionError("backend='cpp' without _C must raise")
         print("fallback-ok")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "fallback-ok" in out.stdout, out.stderr
 
 

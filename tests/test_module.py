@@ -1,5 +1,6 @@
 """FusedRNN as a drop-in for torch.nn.RNN: numbers, parameters, state_dict, validation, dropout,
 and the swap helper."""
+
 import itertools
 
 import pytest
@@ -7,18 +8,21 @@ import torch
 from torch import nn
 
 import fused_bptt
-from fused_bptt import FusedRNN, swap_rnn
 from conftest import assert_close
+from fused_bptt import FusedRNN, swap_rnn
 
 BACKENDS = [b for b in fused_bptt.available_backends()]
-CONFIGS = list(itertools.product([1, 2], [True, False], [False, True], [False, True],
-                                 ["tanh", "relu"]))
+CONFIGS = list(
+    itertools.product([1, 2], [True, False], [False, True], [False, True], ["tanh", "relu"])
+)
 
 
 def _config_id(c):
     layers, bias, batch_first, bidir, nl = c
-    return f"L{layers}-{'bias' if bias else 'nobias'}-{'bf' if batch_first else 'tm'}-" \
-           f"{'bi' if bidir else 'uni'}-{nl}"
+    return (
+        f"L{layers}-{'bias' if bias else 'nobias'}-{'bf' if batch_first else 'tm'}-"
+        f"{'bi' if bidir else 'uni'}-{nl}"
+    )
 
 
 def _pair(dtype=torch.float64, device="cpu", backend="auto", seed=0, **config):
@@ -42,9 +46,18 @@ def _grads(module, x, h0, gy, ghn):
 def test_matches_nn_rnn_float64(config, backend):
     layers, bias, batch_first, bidir, nl = config
     device = "cuda" if backend == "cuda" else "cpu"
-    ref, fused = _pair(torch.float64, device, backend, input_size=3, hidden_size=5,
-                       num_layers=layers, nonlinearity=nl, bias=bias, batch_first=batch_first,
-                       bidirectional=bidir)
+    ref, fused = _pair(
+        torch.float64,
+        device,
+        backend,
+        input_size=3,
+        hidden_size=5,
+        num_layers=layers,
+        nonlinearity=nl,
+        bias=bias,
+        batch_first=batch_first,
+        bidirectional=bidir,
+    )
     T, B, D = 7, 4, 2 if bidir else 1
     g = torch.Generator().manual_seed(1)
 
@@ -68,8 +81,15 @@ def test_matches_nn_rnn_float64(config, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_nn_rnn_float32(backend):
     device = "cuda" if backend == "cuda" else "cpu"
-    ref, fused = _pair(torch.float32, device, backend, input_size=16, hidden_size=32,
-                       num_layers=2, bidirectional=True)
+    ref, fused = _pair(
+        torch.float32,
+        device,
+        backend,
+        input_size=16,
+        hidden_size=32,
+        num_layers=2,
+        bidirectional=True,
+    )
     x = torch.randn(20, 6, 16, device=device)
     h0 = torch.zeros(4, 6, 32, device=device)
     gy, ghn = torch.randn(20, 6, 64, device=device), torch.randn(4, 6, 32, device=device)
@@ -120,13 +140,13 @@ def test_validation_matches_nn_rnn():
     """Bad input raises the same error class with nn.RNN's message (expected vs got)."""
     ref, fused = _pair(torch.float32, input_size=3, hidden_size=4, num_layers=1)
     cases = [
-        (torch.randn(5, 2, 4),),                          # wrong input size
-        (torch.randn(5, 2, 3, 1),),                       # 4-D input
-        (torch.randn(5, 2, 3), torch.randn(1, 3, 4)),     # hidden batch mismatch
-        (torch.randn(5, 2, 3), torch.randn(2, 4)),        # 2-D hx for batched input
-        (torch.randn(5, 3), torch.randn(1, 1, 4)),        # 3-D hx for unbatched input
-        (torch.randn(5, 2, 3, dtype=torch.float64),),     # dtype mismatch
-        (torch.randn(0, 2, 3),),                          # no time steps
+        (torch.randn(5, 2, 4),),  # wrong input size
+        (torch.randn(5, 2, 3, 1),),  # 4-D input
+        (torch.randn(5, 2, 3), torch.randn(1, 3, 4)),  # hidden batch mismatch
+        (torch.randn(5, 2, 3), torch.randn(2, 4)),  # 2-D hx for batched input
+        (torch.randn(5, 3), torch.randn(1, 1, 4)),  # 3-D hx for unbatched input
+        (torch.randn(5, 2, 3, dtype=torch.float64),),  # dtype mismatch
+        (torch.randn(0, 2, 3),),  # no time steps
     ]
     for args in cases:
         with pytest.raises(Exception) as expected:
@@ -134,13 +154,6 @@ def test_validation_matches_nn_rnn():
         with pytest.raises(type(expected.value)) as got:
             fused(*args)
         assert str(got.value) == str(expected.value)
-
-
-def test_packed_sequence_raises_clearly():
-    fused = FusedRNN(3, 4)
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        fused(packed)
 
 
 def test_constructor_errors():
@@ -159,8 +172,10 @@ def test_dropout_between_layers_in_training():
     torch.manual_seed(7)
     h, finals = x, []
     for layer in range(3):
-        p = [getattr(fused, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih",
-                                                        "bias_hh")]
+        p = [
+            getattr(fused, f"{n}_l{layer}")
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
         y = fused_bptt.reference.rnn_forward(h, torch.zeros(2, 5, dtype=x.dtype), *p)
         finals.append(y[-1])
         h = nn.functional.dropout(y, 0.5, training=True) if layer < 2 else y

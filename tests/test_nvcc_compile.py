@@ -9,6 +9,7 @@ c10/cuda/impl/cuda_cmake_macros.h, hence C10_CUDA_NO_CMAKE_CONFIGURE_FILE. One n
 source builds both architectures (the host side, most of the time, is compiled once): about a
 minute on 2 cores.
 """
+
 import glob
 import os
 import re
@@ -27,9 +28,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 ARCHS = ["80", "90"]
 # Every kernel template instance each architecture must contain (mangled-name fragments).
-KERNELS = ["rnn_forward_persistent_kernelIf", "rnn_forward_persistent_kernelId",
-           "rnn_backward_persistent_kernelIf", "rnn_backward_persistent_kernelId",
-           "rnn_backward_step_kernelIf", "rnn_backward_step_kernelId"]
+KERNELS = [
+    "rnn_forward_persistent_kernelIf",
+    "rnn_forward_persistent_kernelId",
+    "rnn_backward_persistent_kernelIf",
+    "rnn_backward_persistent_kernelId",
+    "rnn_backward_step_kernelIf",
+    "rnn_backward_step_kernelId",
+]
 
 
 def nvcc_path():
@@ -39,20 +45,38 @@ def nvcc_path():
 
 
 NVCC = nvcc_path()
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(NVCC is None,
-                                 reason="nvcc not found (CUDA toolkit not installed)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolkit not installed)"),
+]
 
 
 def nvcc_command(source, out):
     includes = [a for p in cpp_extension.include_paths() for a in ("-isystem", p)]
-    return [NVCC, "-c", source, "-o", out, "-std=c++20", "-O3", "--expt-relaxed-constexpr",
-            *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS], "-Xptxas", "-v",
-            "-Werror", "all-warnings", "-Xcompiler", "-fPIC",
-            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_EXTENSION_NAME=_C",
-            "-DTORCH_API_INCLUDE_EXTENSION_H",
-            f"-I{os.path.join(ROOT, 'csrc')}", *includes,
-            "-isystem", sysconfig.get_paths()["include"]]
+    return [
+        NVCC,
+        "-c",
+        source,
+        "-o",
+        out,
+        "-std=c++20",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS],
+        "-Xptxas",
+        "-v",
+        "-Werror",
+        "all-warnings",
+        "-Xcompiler",
+        "-fPIC",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-I{os.path.join(ROOT, 'csrc')}",
+        *includes,
+        "-isystem",
+        sysconfig.get_paths()["include"],
+    ]
 
 
 def parse_ptxas(log, arch):
@@ -65,8 +89,9 @@ def parse_ptxas(log, arch):
         if m:
             current = m.group(1) if m.group(2) == arch else None
             continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-                      line)
+        m = re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line
+        )
         if m and current:
             kernels[current] = [None, int(m.group(1)), int(m.group(2)), int(m.group(3))]
             continue
@@ -91,8 +116,9 @@ def compiled(build_dir):
         out = os.path.join(build_dir, os.path.basename(src) + ".o")
         # --keep leaves the cubin of each architecture in build_dir, for the machine-code checks.
         cmd = nvcc_command(src, out) + ["--keep", f"--keep-dir={build_dir}"]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=900)
+        done = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+        )
         results[src] = (done.returncode, done.stdout)
     return results
 
@@ -107,17 +133,20 @@ def test_compiles_without_warnings(compiled):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_no_register_spills(compiled, arch):
     kernels = {}
-    for src, (rc, log) in compiled.items():
+    for rc, log in compiled.values():
         assert rc == 0, log
         kernels.update(parse_ptxas(log, arch))
     for fragment in KERNELS:
         assert any(fragment in name for name in kernels), (
-            f"sm_{arch}: no kernel {fragment} in:\n{kernels}")
+            f"sm_{arch}: no kernel {fragment} in:\n{kernels}"
+        )
     # A stack frame without spills would be a register array indexed at run time (the per-output
     # registers of the persistent kernels must stay registers).
     spilling = {k: v for k, v in kernels.items() if v[1] or v[2] or v[3]}
-    assert not spilling, (f"sm_{arch}: kernels with a stack frame or spills (registers, stack, "
-                          f"spill store bytes, spill load bytes): {spilling}")
+    assert not spilling, (
+        f"sm_{arch}: kernels with a stack frame or spills (registers, stack, "
+        f"spill store bytes, spill load bytes): {spilling}"
+    )
     registers = ", ".join(f"{f}={v[0]}" for f in KERNELS for k, v in kernels.items() if f in k)
     sys.stdout.write(f"\nsm_{arch} registers: {registers}\n")
 
@@ -133,8 +162,10 @@ def machine_code(compiled, build_dir):
     """{arch: {kernel name: sass_checks.Kernel}} of every cubin nvcc left in build_dir."""
     nvdisasm = sass_checks.nvdisasm_path()
     if nvdisasm is None:
-        pytest.skip("nvdisasm not found, so the machine-code checks cannot run: install it with "
-                    "`pip install nvidia-cuda-nvdisasm` (this CUDA toolkit has no cuobjdump)")
+        pytest.skip(
+            "nvdisasm not found, so the machine-code checks cannot run: install it with "
+            "`pip install nvidia-cuda-nvdisasm` (this CUDA toolkit has no cuobjdump)"
+        )
     for src, (rc, log) in compiled.items():
         assert rc == 0, f"nvcc failed for {src}:\n{log}"
     code = {}
@@ -173,9 +204,12 @@ def test_matvec_loop_is_unrolled(machine_code, arch):
     issued before the first FMA."""
     problems = []
     for kernel in persistent_kernels(machine_code, arch):
-        problems += sass_checks.matvec_problems(kernel, min_fma=K_UNROLL * K_ROWS * K_TILE,
-                                                min_loads=K_UNROLL * (K_ROWS + 1),
-                                                min_loads_first=2 * (K_ROWS + 1))
+        problems += sass_checks.matvec_problems(
+            kernel,
+            min_fma=K_UNROLL * K_ROWS * K_TILE,
+            min_loads=K_UNROLL * (K_ROWS + 1),
+            min_loads_first=2 * (K_ROWS + 1),
+        )
     assert_no_problems(problems)
 
 

@@ -1,12 +1,13 @@
 """Every compiled backend against the reference: y, h_n and every gradient; gradcheck; opcheck;
 non-contiguous inputs; bad input; what is saved for backward."""
+
 import pytest
 import torch
 
 import fused_bptt
+from conftest import assert_close, compiled_backends, device_of, make_layer_inputs
 from fused_bptt import _ops, reference
 from fused_bptt.function import RNNLayerFunction, rnn_layer
-from conftest import assert_close, compiled_backends, device_of, make_layer_inputs
 
 BACKENDS = compiled_backends()
 SHAPES = [(1, 1, 1, 1), (1, 3, 4, 5), (5, 2, 3, 4), (17, 5, 7, 33), (40, 3, 16, 70)]
@@ -21,8 +22,11 @@ def test_cpp_backend_is_loaded():
 
 
 def _loss_and_grads(backend, x, h0, w_ih, w_hh, b_ih, b_hh, relu, gy, ghn):
-    leaves = [t.detach().clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
-              if t is not None]
+    leaves = [
+        t.detach().clone().requires_grad_()
+        for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
+        if t is not None
+    ]
     args = leaves if b_ih is not None else leaves + [None, None]
     y, hn = rnn_layer(*args, relu=relu, backend=backend)
     grads = torch.autograd.grad((y * gy).sum() + (hn * ghn).sum(), leaves)
@@ -102,9 +106,11 @@ def test_backward_strided_grads_and_grad_h_n(backend, gemm, relu, monkeypatch):
     x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, torch.float64, device, seed=4)
     y = torch.ops.fused_bptt.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
     g = torch.randn(T, 2 * B, H, dtype=x.dtype, device=device)
-    grads = {"transposed": torch.randn(B, T, H, dtype=x.dtype, device=device).transpose(0, 1),
-             "expanded": torch.ones(1, 1, 1, dtype=x.dtype, device=device).expand(T, B, H),
-             "sliced rows": g[:, ::2]}
+    grads = {
+        "transposed": torch.randn(B, T, H, dtype=x.dtype, device=device).transpose(0, 1),
+        "expanded": torch.ones(1, 1, 1, dtype=x.dtype, device=device).expand(T, B, H),
+        "sliced rows": g[:, ::2],
+    }
     grad_h_n = torch.randn(B, H, dtype=x.dtype, device=device)
     for name, gy in grads.items():
         assert not gy.is_contiguous(), name
@@ -118,12 +124,13 @@ def test_backward_strided_grads_and_grad_h_n(backend, gemm, relu, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_gradcheck(backend, relu):
-    inputs = [t.requires_grad_() for t in make_layer_inputs(
-        4, 2, 3, 3, torch.float64, device_of(backend), seed=3)]
+    inputs = [
+        t.requires_grad_()
+        for t in make_layer_inputs(4, 2, 3, 3, torch.float64, device_of(backend), seed=3)
+    ]
     if relu:  # keep z away from relu's kink, where finite differences are meaningless
         inputs[4].data += 0.5
-    assert torch.autograd.gradcheck(
-        lambda *a: rnn_layer(*a, relu=relu, backend=backend), inputs)
+    assert torch.autograd.gradcheck(lambda *a: rnn_layer(*a, relu=relu, backend=backend), inputs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,14 +141,16 @@ def test_opcheck(backend, bias, dtype):
     fwd_args = (x, h0, w_ih, w_hh, b_ih, b_hh, False)
     torch.library.opcheck(torch.ops.fused_bptt.rnn_forward.default, fwd_args)
     y = torch.ops.fused_bptt.rnn_forward(*fwd_args)
-    torch.library.opcheck(torch.ops.fused_bptt.rnn_backward.default,
-                          (torch.randn_like(y), x, h0, w_ih, w_hh, y, True))
+    torch.library.opcheck(
+        torch.ops.fused_bptt.rnn_backward.default, (torch.randn_like(y), x, h0, w_ih, w_hh, y, True)
+    )
 
 
 def bytes_kept(fn):
     """Calls fn() and returns (its result, the bytes it allocated and did not free): the CPU
     allocator's own accounting, read through the profiler."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     return out, sum(e.self_cpu_memory_usage for e in prof.events())
@@ -162,8 +171,11 @@ def test_keeps_no_extra_hidden_sized_tensor(path):
     x = torch.randn(T, B, H, requires_grad=True)
     h0 = torch.randn(1, B, H, requires_grad=True)
     params = list(fused.parameters())
-    calls = {"module": lambda: fused(x, h0), "reference": lambda: fused(x, h0),
-             "python_function": lambda: RNNLayerFunction.apply(x, h0[0], *params, False)}
+    calls = {
+        "module": lambda: fused(x, h0),
+        "reference": lambda: fused(x, h0),
+        "python_function": lambda: RNNLayerFunction.apply(x, h0[0], *params, False),
+    }
     (y, h_n), kept = bytes_kept(calls[path])
     unit = T * B * H * 4
     extra = kept - y.untyped_storage().nbytes() - h_n.untyped_storage().nbytes()
@@ -189,7 +201,7 @@ def test_ops_reject_bad_input(backend):
         ((x, h0, w_ih[:, :2], w_hh, b_ih, b_hh), r"weight_ih must have shape \[5, 3\]"),
         ((x, h0, w_ih, w_hh, b_ih[:4], b_hh), r"bias_ih must have shape \[5\]"),
         ((x, h0.float(), w_ih, w_hh, b_ih, b_hh), "h0 must have dtype Double"),
-        ((x.int(), h0, w_ih, w_hh, b_ih, b_hh), "x must be float32 or float64"),
+        ((x.int(), h0, w_ih, w_hh, b_ih, b_hh), "x must be float32, float64, bfloat16 or float16"),
         ((x[:0], h0, w_ih, w_hh, b_ih, b_hh), "at least one time step"),
     ]
     for args, message in cases:
@@ -209,8 +221,9 @@ def test_gradients_when_only_some_outputs_are_used(backend, used):
     def grads(name):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         y, hn = rnn_layer(*leaves, backend=name)
-        loss = {"y": (y * y).sum(), "h_n": (hn * hn).sum(),
-                "y[-1] and h_n": (y[-1] * hn).sum()}[used]
+        loss = {"y": (y * y).sum(), "h_n": (hn * hn).sum(), "y[-1] and h_n": (y[-1] * hn).sum()}[
+            used
+        ]
         return torch.autograd.grad(loss, leaves)
 
     for name, a, b in zip(NAMES, grads(backend), grads("reference")):

@@ -1,4 +1,5 @@
 """The repository's promises about itself: CI runs the README's test command."""
+
 import re
 from pathlib import Path
 

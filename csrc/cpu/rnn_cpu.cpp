@@ -7,6 +7,12 @@
 // Backward: dz_t = (grad_y_t + [t = T-1] grad_h_n + dz_{t+1} W_hh) * act'(z_t), act' from y alone;
 //           dh0 = dz_0 W_hh, dW_hh = dz^T [h0; y[:-1]], dW_ih = dz^T x, db = sum dz, dx = dz W_ih.
 // Saved for backward: y only (the caller keeps it; nothing else is allocated for backward).
+// Boundaries (resets [T, B] bool, lengths [B] int64; fused_bptt.h): inside the same loops. At each
+// step the rows of a thread fall into runs of one kind (RowKind): a run that reads the previous
+// state is one call of the step kernel with K = H, a run whose state entering the step is zero
+// (a reset; in backward: the next step is reset or past the row's end) one with K = 0, and a
+// padded run is zeros. In backward the reset rows of dz are zeroed in place once dx, dW_ih and db
+// have been taken from dz, before dh0 and dW_hh: no extra [T, B, H] tensor either way.
 //
 // Structure, and why:
 // - The input projection of all T steps is one GEMM over the T*B rows, written straight into y;
@@ -27,6 +33,9 @@
 //   split rows (and db's columns), never a reduction, so results are the same bits run after run
 //   and, in the recurrence, for any thread count (the BLAS GEMMs may round differently across
 //   thread counts).
+// - bfloat16 and float16 run the same structure in rnn_cpu_lowp.cpp (float32 arithmetic inside).
+#include "cpu/rnn_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -44,37 +53,10 @@ namespace fused_bptt {
 namespace cpu {
 namespace {
 
-// The hand-written step streams all of W_hh from cache every step: it wins while W_hh fits in a
-// core's L2 (2 MiB on the machines measured; 1 MiB and more on current x86 server cores). From
-// there on (float32: H > 512) a step is one BLAS call, whose blocking and threads do better and
-// whose call overhead no longer matters.
-constexpr int64_t kKernelMaxWeightBytes = 1 << 20;
-// Below this much work a call stays on one thread: starting the others costs microseconds.
-constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
-constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
-
-// Runs fn(r0, r1) on parts of the batch rows [0, B), one per thread, in whole register tiles.
-// Row b of every step depends on row b of the step before alone, so a thread can run all T steps
-// of its rows without waiting for the others: no barrier per step.
-template <typename Fn>
-void parallel_rows(int64_t B, bool worth_threads, const Fn& fn) {
-  const int64_t tiles = (B + kStepRows - 1) / kStepRows;
-  at::parallel_for(0, tiles, worth_threads ? 1 : tiles, [&](int64_t p0, int64_t p1) {
-    fn(p0 * kStepRows, std::min(B, p1 * kStepRows));
-  });
-}
-
-template <typename scalar_t>
-bool use_blas_step(GemmMode mode, int64_t H) {
-  return mode == GemmMode::kBlas ||
-         (mode == GemmMode::kAuto && blas_available(mode) &&
-          H * H * static_cast<int64_t>(sizeof(scalar_t)) > kKernelMaxWeightBytes);
-}
-
 template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                   const at::Tensor& w_hh, const std::vector<scalar_t>& bias, at::Tensor& y,
-                  const RnnShape& s, bool relu) {
+                  const RnnShape& s, bool relu, const Bounds& bounds) {
   const int64_t B = s.B, H = s.H, BH = s.B * s.H;
   const GemmMode mode = gemm_mode_from_env();
   const StepKernels<scalar_t>& k = step_kernels<scalar_t>();
@@ -82,6 +64,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   const scalar_t* h0p = h0.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   auto h_prev = [&](int64_t t) { return t == 0 ? h0p : yp + (t - 1) * BH; };
+  auto zero_rows = [&](scalar_t* p, int64_t rows) { std::fill(p, p + rows * H, scalar_t(0)); };
 
   // y = x W_ih^T over all T*B rows at once.
   gemm<scalar_t>(mode, false, true, s.T * B, H, s.I, 1, x.data_ptr<scalar_t>(), s.I,
@@ -90,9 +73,17 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
     const scalar_t* whh = w_hh.data_ptr<scalar_t>();
     for (int64_t t = 0; t < s.T; ++t) {
       scalar_t* yt = yp + t * BH;
-      gemm<scalar_t>(mode, false, true, B, H, H, 1, h_prev(t), H, whh, H, 1, yt, H);
+      const auto kind_of = [&](int64_t row) { return bounds.forward_kind(t, row); };
+      for_each_run(0, B, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+        if (kind != RowKind::kCarry) return;
+        gemm<scalar_t>(mode, false, true, e - a, H, H, 1, h_prev(t) + a * H, H, whh, H, 1,
+                       yt + a * H, H);
+      });
       parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
-        k.forward(nullptr, nullptr, nullptr, b, yt + r0 * H, r1 - r0, 0, H, relu);
+        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+          if (kind == RowKind::kPadded) return zero_rows(yt + a * H, e - a);
+          k.forward(nullptr, nullptr, nullptr, b, yt + a * H, e - a, 0, H, relu);
+        });
       });
     }
     return;
@@ -103,8 +94,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   std::vector<scalar_t> part(BH);
   parallel_rows(B, s.T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
     for (int64_t t = 0; t < s.T; ++t) {
-      k.forward(h_prev(t) + r0 * H, wt, part.data() + r0 * H, b, yp + t * BH + r0 * H, r1 - r0, H,
-                H, relu);
+      const auto kind_of = [&](int64_t row) { return bounds.forward_kind(t, row); };
+      for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+        scalar_t* yt = yp + t * BH + a * H;
+        if (kind == RowKind::kPadded) return zero_rows(yt, e - a);
+        const bool carry = kind == RowKind::kCarry;
+        k.forward(carry ? h_prev(t) + a * H : nullptr, wt, part.data() + a * H, b, yt, e - a,
+                  carry ? H : 0, H, relu);
+      });
     }
   });
 }
@@ -112,19 +109,24 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& x,
                    const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                   const at::Tensor& y, const RnnShape& s, bool relu, at::Tensor& dx,
-                   at::Tensor& dh0, at::Tensor& dw_ih, at::Tensor& dw_hh, at::Tensor& db) {
+                   const at::Tensor& y, const RnnShape& s, bool relu, const Bounds& bounds,
+                   at::Tensor& dx, at::Tensor& dh0, at::Tensor& dw_ih, at::Tensor& dw_hh,
+                   at::Tensor& db, bool grad_y_is_ours) {
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, BH = s.B * s.H;
   const GemmMode mode = gemm_mode_from_env();
   const StepKernels<scalar_t>& k = step_kernels<scalar_t>();
-  at::Tensor dz = at::empty_like(y);
+  // dz overwrites grad_y when grad_y is a dense copy of our own: each element of dz_t is written
+  // where grad_y_t's was just read, and nothing reads grad_y_t after that (the grad_h_n sum
+  // below reads it first). One [T, B, H] buffer fewer.
+  at::Tensor dz = grad_y_is_ours ? grad_y : at::empty_like(y);
   scalar_t* dzp = dz.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* whh = w_hh.data_ptr<scalar_t>();
   // The incoming gradient of step t, read in place: grad_y may be strided (rows of a transposed
   // batch_first gradient are T * H apart; the caller made its last dimension dense), so step t
-  // is rows of H elements, ld apart. At the last step grad_h_n joins it (h_n is y[T-1]), summed
-  // into a [B, H] buffer of our own rather than into a copy of all of grad_y.
+  // is rows of H elements, ld apart. At a row's last step grad_h_n joins it (h_n is y[T-1], or
+  // y[lengths[b]-1, b]), summed into a [B, H] buffer of our own rather than into a copy of all
+  // of grad_y.
   const scalar_t* gy = grad_y.data_ptr<scalar_t>();
   const int64_t gy_t = grad_y.stride(0), gy_ld = grad_y.stride(1);
   std::vector<scalar_t> last;
@@ -132,46 +134,64 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
     const scalar_t* gh = grad_h_n.data_ptr<scalar_t>();
     last.resize(BH);
     for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* g = gy + (T - 1) * gy_t + b * gy_ld;
+      const scalar_t* g = gy + (bounds.len[b] - 1) * gy_t + b * gy_ld;
       for (int64_t j = 0; j < H; ++j) last[b * H + j] = g[j] + gh[b * H + j];
     }
   }
   const bool at_last = !last.empty();
-  auto grad_at = [&](int64_t t, int64_t row) {
-    return t == T - 1 && at_last ? last.data() + row * H : gy + t * gy_t + row * gy_ld;
+  // The incoming gradient of a run of rows of one kind, and its row stride.
+  auto grad_at = [&](RowKind kind, int64_t t, int64_t row) {
+    return kind == RowKind::kLast && at_last ? last.data() + row * H : gy + t * gy_t + row * gy_ld;
   };
-  const auto grad_ld = [&](int64_t t) { return t == T - 1 && at_last ? H : gy_ld; };
+  const auto grad_ld = [&](RowKind kind) { return kind == RowKind::kLast && at_last ? H : gy_ld; };
+  auto zero_rows = [&](scalar_t* p, int64_t rows) { std::fill(p, p + rows * H, scalar_t(0)); };
 
   // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
   if (use_blas_step<scalar_t>(mode, H)) {
     for (int64_t t = T - 1; t >= 0; --t) {
       scalar_t* dzt = dzp + t * BH;
+      const auto kind_of = [&](int64_t row) { return bounds.backward_kind(t, row); };
       for (int64_t b = 0; b < B; ++b) {
-        std::memcpy(dzt + b * H, grad_at(t, b), sizeof(scalar_t) * H);
+        const RowKind kind = kind_of(b);
+        if (kind == RowKind::kPadded) {
+          zero_rows(dzt + b * H, 1);
+        } else {
+          const scalar_t* g = grad_at(kind, t, b);
+          if (g != dzt + b * H) std::memcpy(dzt + b * H, g, sizeof(scalar_t) * H);
+        }
       }
-      if (t + 1 < T) gemm<scalar_t>(mode, false, false, B, H, H, 1, dzt + BH, H, whh, H, 1, dzt, H);
+      for_each_run(0, B, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+        if (kind != RowKind::kCarry) return;
+        gemm<scalar_t>(mode, false, false, e - a, H, H, 1, dzt + BH + a * H, H, whh, H, 1,
+                       dzt + a * H, H);
+      });
       parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
-        const int64_t o = r0 * H;
-        k.backward(nullptr, nullptr, nullptr, dzt + o, H, yp + t * BH + o, dzt + o, r1 - r0, 0,
-                   H, relu);
+        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+          if (kind == RowKind::kPadded) return;
+          const int64_t o = a * H;
+          k.backward(nullptr, nullptr, nullptr, dzt + o, H, yp + t * BH + o, dzt + o, e - a, 0,
+                     H, relu);
+        });
       });
     }
   } else {
     std::vector<scalar_t> part(BH);
     parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
       for (int64_t t = T - 1; t >= 0; --t) {
-        const int64_t o = t * BH + r0 * H, K = t + 1 < T ? H : 0;
-        k.backward(dzp + o + BH, whh, part.data() + r0 * H, grad_at(t, r0), grad_ld(t), yp + o,
-                   dzp + o, r1 - r0, K, H, relu);
+        const auto kind_of = [&](int64_t row) { return bounds.backward_kind(t, row); };
+        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+          const int64_t o = t * BH + a * H;
+          if (kind == RowKind::kPadded) return zero_rows(dzp + o, e - a);
+          const bool carry = kind == RowKind::kCarry;
+          k.backward(carry ? dzp + o + BH : nullptr, whh, part.data() + a * H,
+                     grad_at(kind, t, a), grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H,
+                     relu);
+        });
       }
     });
   }
 
   // Everything else is one GEMM over all T*B rows (or a column sum), after the loop.
-  scalar_t* dwhh = dw_hh.data_ptr<scalar_t>();
-  gemm<scalar_t>(mode, false, false, B, H, H, 1, dzp, H, whh, H, 0, dh0.data_ptr<scalar_t>(), H);
-  gemm<scalar_t>(mode, true, false, H, H, B, 1, dzp, H, h0.data_ptr<scalar_t>(), H, 0, dwhh, H);
-  gemm<scalar_t>(mode, true, false, H, H, (T - 1) * B, 1, dzp + BH, H, yp, H, 1, dwhh, H);
   gemm<scalar_t>(mode, true, false, H, I, T * B, 1, dzp, H, x.data_ptr<scalar_t>(), I, 0,
                  dw_ih.data_ptr<scalar_t>(), I);
   gemm<scalar_t>(mode, false, false, T * B, I, H, 1, dzp, H, w_ih.data_ptr<scalar_t>(), I, 0,
@@ -186,13 +206,39 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
     }
     for (int64_t j = j0; j < j1; ++j) dbp[j] = static_cast<scalar_t>(acc[j - j0]);
   });
+  // dh0 and dW_hh take dz through h_{t-1}, which is a constant 0 where the state was reset: zero
+  // those rows of dz (dx, dW_ih and db have used them already).
+  if (bounds.reset != nullptr) {
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        if (bounds.reset_at(t, b)) zero_rows(dzp + t * BH + b * H, 1);
+      }
+    }
+  }
+  scalar_t* dwhh = dw_hh.data_ptr<scalar_t>();
+  gemm<scalar_t>(mode, false, false, B, H, H, 1, dzp, H, whh, H, 0, dh0.data_ptr<scalar_t>(), H);
+  gemm<scalar_t>(mode, true, false, H, H, B, 1, dzp, H, h0.data_ptr<scalar_t>(), H, 0, dwhh, H);
+  gemm<scalar_t>(mode, true, false, H, H, (T - 1) * B, 1, dzp + BH, H, yp, H, 1, dwhh, H);
 }
 
 at::Tensor rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& weight_ih,
                            const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
-                           const std::optional<at::Tensor>& bias_hh, bool relu) {
+                           const std::optional<at::Tensor>& bias_hh, bool relu,
+                           const std::optional<at::Tensor>& resets,
+                           const std::optional<at::Tensor>& lengths) {
   const RnnShape s = check_forward_inputs(x, h0, weight_ih, weight_hh, bias_ih, bias_hh);
+  check_boundaries(x, resets, lengths);
+  const at::Tensor r = resets.has_value() ? resets->contiguous() : at::Tensor();
+  const at::Tensor l = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const Bounds bounds(s, r, l);
   at::Tensor y = at::empty({s.T, s.B, s.H}, x.options());
+  if (at::isReducedFloatingType(x.scalar_type())) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_forward_cpu", [&] {
+      forward_lowp<scalar_t>(x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
+                             weight_hh.contiguous(), bias_ih, bias_hh, y, s, relu, bounds);
+    });
+    return y;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_forward_cpu", [&] {
     // b_ih + b_hh once, so the step adds one bias vector.
     std::vector<scalar_t> bias(s.H, scalar_t(0));
@@ -203,7 +249,7 @@ at::Tensor rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::
       for (int64_t j = 0; j < s.H; ++j) bias[j] += bp[j];
     }
     forward_impl<scalar_t>(x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
-                           weight_hh.contiguous(), bias, y, s, relu);
+                           weight_hh.contiguous(), bias, y, s, relu, bounds);
   });
   return y;
 }
@@ -211,22 +257,36 @@ at::Tensor rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::
 RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                           const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                           const at::Tensor& y, bool relu,
-                          const std::optional<at::Tensor>& grad_h_n) {
+                          const std::optional<at::Tensor>& grad_h_n,
+                          const std::optional<at::Tensor>& resets,
+                          const std::optional<at::Tensor>& lengths) {
   const RnnShape s = check_backward_inputs(grad_y, x, h0, weight_ih, weight_hh, y, grad_h_n);
+  check_boundaries(x, resets, lengths);
+  const at::Tensor r = resets.has_value() ? resets->contiguous() : at::Tensor();
+  const at::Tensor l = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const Bounds bounds(s, r, l);
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor dh0 = at::empty_like(h0, at::MemoryFormat::Contiguous);
   at::Tensor dw_ih = at::empty_like(weight_ih, at::MemoryFormat::Contiguous);
   at::Tensor dw_hh = at::empty_like(weight_hh, at::MemoryFormat::Contiguous);
   at::Tensor db = at::empty({s.H}, x.options());
+  // grad_y is read in place when its last dimension is dense (a transposed batch_first gradient
+  // is); otherwise (an expanded gradient such as that of y.sum()) it is made dense.
+  const bool dense_rows = grad_y.stride(2) == 1 || s.H == 1;
+  const at::Tensor gy = dense_rows ? grad_y : grad_y.contiguous();
+  const at::Tensor ghn = grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor();
+  if (at::isReducedFloatingType(x.scalar_type())) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
+      backward_lowp<scalar_t>(gy, ghn, x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
+                              weight_hh.contiguous(), y.contiguous(), s, relu, bounds, dx, dh0,
+                              dw_ih, dw_hh, db);
+    });
+    return {dx, dh0, dw_ih, dw_hh, db};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
-    // grad_y is read in place when its last dimension is dense (a transposed batch_first
-    // gradient is); otherwise (an expanded gradient such as that of y.sum()) it is made dense.
-    const bool dense_rows = grad_y.stride(2) == 1 || s.H == 1;
-    backward_impl<scalar_t>(dense_rows ? grad_y : grad_y.contiguous(),
-                            grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor(),
-                            x.contiguous(), h0.contiguous(),
-                            weight_ih.contiguous(), weight_hh.contiguous(), y.contiguous(), s,
-                            relu, dx, dh0, dw_ih, dw_hh, db);
+    backward_impl<scalar_t>(gy, ghn, x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
+                            weight_hh.contiguous(), y.contiguous(), s, relu, bounds, dx, dh0,
+                            dw_ih, dw_hh, db, /*grad_y_is_ours=*/!dense_rows);
   });
   return {dx, dh0, dw_ih, dw_hh, db};
 }

@@ -8,15 +8,45 @@
 // part: [B, N] scratch for partial sums when K > 128 (unused, may be nullptr, otherwise).
 // Row i of the output depends on row i of a alone, and each element is computed the same way
 // whichever rows share a call: threads may split the batch rows any way, the bits stay the same.
+//
+// Low precision (S = bfloat16 or float16; StepKernels<S> below): the forward's a and y_t, and the
+// backward's dy_t and y_t, are in S; everything else (w, the weights widened once per call by the
+// caller; bias; add; the backward's a = dz_{t+1} and dz_t) is float32, and so is all arithmetic
+// (products of S values are exact in float32):
+//   forward:  y_t  = S(act(add + bias + acc))     add: [B, N], the input projection x_t W_ih^T
+//                                                 (plus h_{t-1} W_hh^T after a BLAS step)
+//   backward: dz_t = (dy_t + add + acc) * act'(y_t)      add: [B, N] or nullptr (the BLAS step's
+//                                                 product, or grad_h_n at t = T-1)
+// S(v) rounds to nearest even, as torch's .to(dtype) does. The kernels widen a to float32 and run
+// the float32 tile: FMAs on float32 do twice the multiply-adds per cycle of AVX512-BF16's
+// VDPBF16PS on the CPUs measured (Xeon with AVX512-BF16 and -FP16: 5.4 FMA vs 1.3 VDPBF16PS
+// instructions per ns on one core; a VDPBF16PS kernel ran at 72 GFLOP/s where this one runs
+// 119, float32 127). float16 has no float32-accumulating dot product before AVX10.2 anyway.
 #pragma once
 
+// The AVX-512 and AVX2 variants (target pragmas, intrinsics, __builtin_cpu_supports) exist on x86
+// only; every CPU has the baseline variant.
+#if defined(__x86_64__) || defined(__i386__)
+#define FUSED_BPTT_X86 1
+#else
+#define FUSED_BPTT_X86 0
+#endif
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_bptt {
 namespace cpu {
 
 // Rows per register tile: row ranges given to threads are best multiples of it.
 constexpr int kStepRows = 4;
+
+template <typename T>
+inline constexpr bool kIsLowPrecision =
+    std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
 template <typename T>
 struct StepKernels {
@@ -26,6 +56,22 @@ struct StepKernels {
                    T* dz_t, int64_t B, int64_t K, int64_t N, bool relu);
   const char* isa;  // "avx512", "avx2", "sse2"
 };
+
+// The kernels of one instruction set for bfloat16 or float16 (S) storage.
+template <typename S>
+struct LowPrecisionStepKernels {
+  void (*forward)(const S* a, const float* w, float* part, const float* bias, const float* add,
+                  S* y_t, int64_t B, int64_t K, int64_t N, bool relu);
+  void (*backward)(const float* a, const float* w, float* part, const S* dy_t, int64_t ldy,
+                   const float* add, const S* y_t, float* dz_t, int64_t B, int64_t K, int64_t N,
+                   bool relu);
+  const char* isa;  // "avx512", "avx2", "sse2"
+};
+
+template <>
+struct StepKernels<c10::BFloat16> : LowPrecisionStepKernels<c10::BFloat16> {};
+template <>
+struct StepKernels<c10::Half> : LowPrecisionStepKernels<c10::Half> {};
 
 // The kernels of the best instruction set the CPU supports. FUSED_BPTT_CPU_ISA=avx2 or sse2
 // caps the choice (read on every call, for tests; an unsupported request is an error).

@@ -142,7 +142,10 @@ CudaDevice current_device(const at::Tensor& x) {
 
 at::Tensor rnn_forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& weight_ih,
                             const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
-                            const std::optional<at::Tensor>& bias_hh, bool relu) {
+                            const std::optional<at::Tensor>& bias_hh, bool relu,
+                            const std::optional<at::Tensor>& resets,
+                            const std::optional<at::Tensor>& lengths) {
+  reject_boundaries(resets, lengths);
   const c10::cuda::CUDAGuard guard(x.device());
   return cuda_impl::rnn_forward_impl(current_device(x), x, h0, weight_ih, weight_hh, bias_ih,
                                      bias_hh, relu);
@@ -151,7 +154,10 @@ at::Tensor rnn_forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at:
 RnnGrads rnn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                            const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                            const at::Tensor& y, bool relu,
-                           const std::optional<at::Tensor>& grad_h_n) {
+                           const std::optional<at::Tensor>& grad_h_n,
+                           const std::optional<at::Tensor>& resets,
+                           const std::optional<at::Tensor>& lengths) {
+  reject_boundaries(resets, lengths);
   const c10::cuda::CUDAGuard guard(x.device());
   return cuda_impl::rnn_backward_impl(current_device(x), grad_y, x, h0, weight_ih, weight_hh, y,
                                       relu, grad_h_n);

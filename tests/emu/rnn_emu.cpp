@@ -122,7 +122,10 @@ auto recorded(Op op) {
 
 at::Tensor rnn_forward_emu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                           const std::optional<at::Tensor>& b_hh, bool relu) {
+                           const std::optional<at::Tensor>& b_hh, bool relu,
+                           const std::optional<at::Tensor>& resets,
+                           const std::optional<at::Tensor>& lengths) {
+  reject_boundaries(resets, lengths);
   return recorded([&](const EmuDevice& dev) {
     return cuda_impl::rnn_forward_impl(dev, x, h0, w_ih, w_hh, b_ih, b_hh, relu);
   });
@@ -130,7 +133,10 @@ at::Tensor rnn_forward_emu(const at::Tensor& x, const at::Tensor& h0, const at::
 
 RnnGrads rnn_backward_emu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                           const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
-                          bool relu, const std::optional<at::Tensor>& grad_h_n) {
+                          bool relu, const std::optional<at::Tensor>& grad_h_n,
+                          const std::optional<at::Tensor>& resets,
+                          const std::optional<at::Tensor>& lengths) {
+  reject_boundaries(resets, lengths);
   return recorded([&](const EmuDevice& dev) {
     return cuda_impl::rnn_backward_impl(dev, grad_y, x, h0, w_ih, w_hh, y, relu, grad_h_n);
   });
