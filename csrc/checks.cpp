@@ -45,8 +45,6 @@ RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const a
   const bool low_precision = dtype == at::kBFloat16 || dtype == at::kHalf;
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || low_precision,
               "fused_bptt: x must be float32, float64, bfloat16 or float16, but got ", dtype);
-  TORCH_CHECK(!low_precision || x.device().is_cpu(), "fused_bptt: ", dtype, " runs on the CPU ",
-              "only; on ", x.device(), " x must be float32 or float64, but got ", dtype);
   TORCH_CHECK(x.size(0) >= 1, "fused_bptt: x must hold at least one time step (T >= 1), but T = ",
               x.size(0));
   TORCH_CHECK(weight_hh.dim() == 2, "fused_bptt: weight_hh must be 2-D [H, H], but got shape ",

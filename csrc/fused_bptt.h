@@ -37,8 +37,9 @@
 //   active step t is y[t-1], or 0 where resets[t]).
 //
 // Inputs may be non-contiguous: every backend makes them contiguous itself.
-// Supported dtypes: float32 and float64 on every backend, bfloat16 and float16 on the CPU (float32
-// arithmetic inside: cpu/rnn_cpu_lowp.cpp); all tensors share one dtype and one device.
+// Supported dtypes: float32, float64, bfloat16 and float16 on every backend (bfloat16/float16 with
+// float32 arithmetic inside: cpu/rnn_cpu_lowp.cpp, cuda/rnn_launch_lowp.h); all tensors share
+// one dtype and one device.
 #pragma once
 
 #include <ATen/core/Tensor.h>

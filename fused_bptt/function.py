@@ -22,10 +22,10 @@ from .reference import last_state
 
 BACKENDS = ("cuda", "cpp", "reference")
 BACKEND_CHOICES = ("auto",) + BACKENDS
-# The dtypes each compiled backend's kernels take (bfloat16/float16: CPU only for now).
+# The dtypes each compiled backend's kernels take (bfloat16/float16: float32 arithmetic inside).
 _KERNEL_DTYPES = {
     "cpp": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-    "cuda": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
 }
 _DEVICE_OF_BACKEND = {"cuda": "cuda", "cpp": "cpu"}
 

@@ -5,6 +5,7 @@
 //                     device attributes, occupancy, the launches and the checks on every call)
 //   rnn_launch.h      the host logic: GEMMs, the launch plan and the path choice
 //   rnn_kernels.cuh   the kernels, and block_matvec.cuh the block-level pieces they share
+// bfloat16 and float16 go to rnn_launch_lowp.h (host) and rnn_kernels_lowp.cuh (tensor cores).
 // rnn_launch.h and the kernels are shared with the CPU emulation the tests run
 // (tests/emu/rnn_emu.cpp).
 //
@@ -23,6 +24,7 @@
 
 #include "env.h"
 #include "rnn_launch.h"
+#include "rnn_launch_lowp.h"
 
 namespace fused_bptt {
 namespace {
@@ -34,7 +36,7 @@ using cuda_impl::PathChoice;
 // once per device (and kernel, threads, shared memory size), not on every call. One mutex guards
 // the caches; the driver calls made under it run once per key.
 struct DeviceAttributes {
-  int sms = 0, smem_optin = 0, cooperative = 0;
+  int sms = 0, smem_optin = 0, cooperative = 0, major = 0;
 };
 
 std::mutex g_cache_mutex;
@@ -49,6 +51,7 @@ const DeviceAttributes& device_attributes(int dev) {
     C10_CUDA_CHECK(
         cudaDeviceGetAttribute(&a.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&a.cooperative, cudaDevAttrCooperativeLaunch, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&a.major, cudaDevAttrComputeCapabilityMajor, dev));
     it = cache.emplace(dev, a).first;  // std::map: references stay valid as it grows
   }
   return it->second;
@@ -140,13 +143,21 @@ CudaDevice current_device(const at::Tensor& x) {
   return CudaDevice{x.get_device(), c10::cuda::getCurrentCUDAStream(x.get_device()).stream()};
 }
 
+// Whether x's device has the bfloat16/float16 mma the low-precision kernels use (sm_80+).
+bool has_mma(const at::Tensor& x) {
+  return device_attributes(x.get_device()).major >= 8;
+}
+
 at::Tensor rnn_forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& weight_ih,
                             const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                             const std::optional<at::Tensor>& bias_hh, bool relu,
                             const std::optional<at::Tensor>& resets,
                             const std::optional<at::Tensor>& lengths) {
-  reject_boundaries(resets, lengths);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (cuda_impl::is_low_precision(x))
+    return cuda_impl::rnn_forward_lowp_impl(current_device(x), has_mma(x), x, h0, weight_ih,
+                                            weight_hh, bias_ih, bias_hh, relu, resets, lengths);
+  reject_boundaries(resets, lengths);
   return cuda_impl::rnn_forward_impl(current_device(x), x, h0, weight_ih, weight_hh, bias_ih,
                                      bias_hh, relu);
 }
@@ -157,8 +168,12 @@ RnnGrads rnn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const 
                            const std::optional<at::Tensor>& grad_h_n,
                            const std::optional<at::Tensor>& resets,
                            const std::optional<at::Tensor>& lengths) {
-  reject_boundaries(resets, lengths);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (cuda_impl::is_low_precision(x))
+    return cuda_impl::rnn_backward_lowp_impl(current_device(x), has_mma(x), grad_y, x, h0,
+                                             weight_ih, weight_hh, y, relu, grad_h_n, resets,
+                                             lengths);
+  reject_boundaries(resets, lengths);
   return cuda_impl::rnn_backward_impl(current_device(x), grad_y, x, h0, weight_ih, weight_hh, y,
                                       relu, grad_h_n);
 }
