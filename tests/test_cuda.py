@@ -257,3 +257,152 @@ def test_fused_rnn_cuda_matches_cudnn(nonlinearity, no_tf32):
         torch.testing.assert_close(
             g, r, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+# ---- bfloat16 / float16: the tensor-core kernels (csrc/cuda/rnn_kernels_lowp.cuh) ------------
+
+LOWP = [torch.bfloat16, torch.float16]
+lowp_ids = lambda d: str(d).replace("torch.", "")  # noqa: E731
+
+
+def mma_ran(names):
+    return any("mma_kernel" in n for n in names)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=lowp_ids)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_lowp_ops_match_float64(shape, relu, dtype, path):
+    """Normwise against float64 within tests/test_lowp.py's bounds, on each path (persistent:
+    the mma kernels; per_step: ATen ops in float32)."""
+    from test_lowp import BOUNDS, relative_errors, run_reference
+
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*shape, dtype, device="cuda", seed=3)
+
+    def run():
+        y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+        g = torch.Generator().manual_seed(1)
+        gy = torch.randn(y.shape, generator=g).to(y)
+        ghn = torch.randn(y.shape[1:], generator=g).to(y)
+        return (y, *ops.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu, ghn)), gy, ghn
+
+    (got, gy, ghn), names = kernels_launched(run)
+    if path == "persistent":
+        assert mma_ran(names), sorted(names)
+    if path == "per_step":
+        assert not mma_ran(names), sorted(names)
+    assert all(t.dtype == dtype and t.is_cuda for t in got)
+    cpu = [None if t is None else t.cpu() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    errs = relative_errors(
+        [t.cpu() for t in got], run_reference(cpu, got[0].cpu(), relu, gy.cpu(), ghn.cpu())
+    )
+    bad = {k: f"{v:.2e}" for k, v in errs.items() if not v <= BOUNDS[dtype]}
+    assert not bad, f"{shape} {path}: errors above {BOUNDS[dtype]:.1e}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=lowp_ids)
+@pytest.mark.parametrize("shape", [(64, 16, 128), (32, 8, 512), (200, 4, 64)], ids=str)
+def test_cuda_lowp_error_at_most_1_5x_nn_rnn(dtype, shape):
+    """The issue's criterion on the GPU: the fused kernels' error against float64 (y: max
+    relative, gradients: relative norm; bench/accuracy_lowp.py) <= 1.5x that of nn.RNN (cuDNN)
+    in the same dtype, on the same numbers."""
+    from test_lowp import accuracy
+
+    rnn, x, h0, gy, ghn = accuracy.make_problem(dtype, *shape)
+    want = accuracy.run_impl("reference", rnn, x, h0, gy, ghn)
+    cuda = [t.cuda() for t in (x, h0, gy, ghn)]
+    nn_errs = accuracy.errors([t.cpu() for t in accuracy.run_impl("nn", rnn.cuda(), *cuda)], want)
+    w_ih, w_hh, b_ih, b_hh = [p.detach() for p in rnn.parameters()]
+    x_c, h0_c, gy_c, ghn_c = cuda
+    y = ops.rnn_forward(x_c, h0_c, w_ih, w_hh, b_ih, b_hh, False)
+    dx, dh0, dw_ih, dw_hh, db = ops.rnn_backward(gy_c, x_c, h0_c, w_ih, w_hh, y, False, ghn_c)
+    got = [t.double().cpu() for t in (y, dx, dh0, dw_ih, dw_hh, db, db)]
+    errs = accuracy.errors(got, want)
+    bad = {
+        q: f"{errs[q]:.2e} vs nn.RNN {nn_errs[q]:.2e}"
+        for q in accuracy.QUANTITIES
+        if not errs[q] <= 1.5 * nn_errs[q]
+    }
+    assert not bad, f"{dtype} {shape}: error above 1.5x nn.RNN's: {bad}"
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=lowp_ids)
+@pytest.mark.parametrize("path_name", ["auto", "per_step"])
+def test_cuda_lowp_resets_and_lengths(dtype, path_name, monkeypatch):
+    from test_lowp import BOUNDS, relative_errors
+    from test_varlen import loop_layer, random_bounds
+
+    monkeypatch.setenv("FUSED_BPTT_CUDA_PATH", path_name)
+    T, B, I, H = 9, 37, 6, 70
+    inputs = make_layer_inputs(T, B, I, H, dtype, device="cuda", seed=5)
+    resets, lengths = random_bounds(T, B, seed=6, p=0.2)
+    args = [*inputs, False, resets.cuda(), lengths.cuda()]
+    y = ops.rnn_forward(*args)
+    g = torch.Generator().manual_seed(1)
+    gy, ghn = torch.randn(T, B, H, generator=g).to(y), torch.randn(B, H, generator=g).to(y)
+    grads = ops.rnn_backward(gy, *inputs[:4], y, False, ghn, resets.cuda(), lengths.cuda())
+    padded = (torch.arange(T)[:, None] >= lengths[None, :]).cuda()
+    assert (y[padded] == 0).all()
+    ref_in = [t.cpu().double().requires_grad_() for t in inputs]
+    y_ref, h_ref = loop_layer(*ref_in, False, resets, lengths)
+    loss = (y_ref * gy.cpu().double()).sum() + (h_ref * ghn.cpu().double()).sum()
+    d = torch.autograd.grad(loss, ref_in)
+    errs = relative_errors([t.cpu() for t in (y, *grads)], [y_ref, *d[:5]])
+    assert max(errs.values()) <= BOUNDS[dtype], errs
+
+
+def test_cuda_lowp_is_deterministic(path):
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(32, 64, 8, 256, torch.bfloat16, device="cuda")
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    assert torch.equal(y, ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False))
+    grad_y = torch.randn_like(y)
+    first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+    second = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), f"{path}: {name} differs between identical calls"
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=lowp_ids)
+def test_cuda_lowp_opcheck(dtype):
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(5, 3, 4, 24, dtype, device="cuda")
+    fwd = (x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    torch.library.opcheck(ops.rnn_forward.default, fwd)
+    y = ops.rnn_forward(*fwd)
+    ghn = torch.randn(3, 24, device="cuda").to(dtype)
+    torch.library.opcheck(
+        ops.rnn_backward.default, (torch.randn_like(y), x, h0, w_ih, w_hh, y, True, ghn)
+    )
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=lowp_ids)
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(num_layers=2, bidirectional=True, batch_first=True, nonlinearity="relu")],
+    ids=["1 layer", "2 layers bidirectional relu"],
+)
+def test_cuda_autocast_runs_the_mma_kernels_with_nn_rnn_policy(dtype, config, no_tf32):
+    """Under torch.autocast("cuda"): nn.RNN's output dtype, values within the dtype's rounding of
+    cuDNN's, float32 parameter gradients close to nn.RNN's, and the tensor-core kernels ran."""
+    torch.manual_seed(0)
+    fused = fused_bptt.FusedRNN(4, 16, **config).cuda()
+    ref = torch.nn.RNN(4, 16, **config).cuda()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(7, 3, 4, device="cuda")
+
+    def fwd_bwd(model):
+        with torch.autocast("cuda", dtype=dtype):
+            y, h_n = model(x)
+        (y.float().square().sum() + h_n.float().sum()).backward()
+        return y, h_n
+
+    (y, h_n), names = kernels_launched(lambda: fwd_bwd(fused))
+    assert mma_ran(names), f"autocast did not run the mma kernels: {sorted(names)}"
+    y_ref, h_ref = fwd_bwd(ref)
+    assert y.dtype == y_ref.dtype == dtype and h_n.dtype == h_ref.dtype == dtype
+    tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]  # two roundings of unit values
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(h_n.float(), h_ref.float(), rtol=tol, atol=tol)
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        err = (torch.linalg.vector_norm(p.grad - q.grad) / torch.linalg.vector_norm(q.grad)).item()
+        assert err <= {torch.bfloat16: 5e-2, torch.float16: 6e-3}[dtype], (name, err)
