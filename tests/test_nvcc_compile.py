@@ -1,6 +1,7 @@
 """Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 against the installed torch headers,
-with no warning; ptxas reports no register spills and no stack frame for any kernel; and the
-machine code of the persistent kernels has the properties the latency fixes are for (sass.py).
+with no warning; ptxas reports no register spills and no stack frame for any kernel; the machine
+code of the persistent kernels has the properties the latency fixes are for (sass.py); and the
+bfloat16/float16 kernels run their per-step product on tensor cores (HMMA instructions).
 
 Runs wherever nvcc is (no GPU needed); skipped only where it is absent. The machine-code checks
 also need nvdisasm (`pip install nvidia-cuda-nvdisasm`: the CUDA toolkit here has no cuobjdump)
@@ -35,6 +36,11 @@ KERNELS = [
     "rnn_backward_persistent_kernelId",
     "rnn_backward_step_kernelIf",
     "rnn_backward_step_kernelId",
+    # bfloat16 / float16 (rnn_kernels_lowp.cuh): tensor-core mma, sm_80+
+    "rnn_forward_mma_kernelINS0_4Bf16",
+    "rnn_forward_mma_kernelINS0_3F16",
+    "rnn_backward_mma_kernelINS0_4Bf16",
+    "rnn_backward_mma_kernelINS0_3F16",
 ]
 
 
@@ -225,4 +231,26 @@ def test_step_inputs_are_loaded_before_the_grid_barrier(machine_code, arch):
         else:
             problems += sass_checks.prefetch_problems(kernel, min_loads=2)
             problems += sass_checks.overlap_problems(kernel, min_loads=1)
+    assert_no_problems(problems)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lowp_kernels_use_tensor_cores(machine_code, arch):
+    """The bfloat16/float16 kernels' product is the tensor-core instruction: HMMA.16816 with
+    float32 accumulation (bf16 or f16 inputs as the kernel's format), inside the step loop."""
+    assert arch in machine_code, f"no cubin for sm_{arch}: {sorted(machine_code)}"
+    kernels = {n: k for n, k in machine_code[arch].items() if "mma_kernel" in n}
+    assert len(kernels) == 4, sorted(kernels)  # forward, backward x bf16, f16
+    problems = []
+    for name, kernel in kernels.items():
+        expected = "HMMA.16816.F32.BF16" if "Bf16" in name else "HMMA.16816.F32"
+        ops = [kernel.op(i) for i in range(len(kernel.instructions))]
+        hmma = {op for op in ops if op.startswith("HMMA")}
+        if hmma != {expected}:
+            problems.append(f"{name}: tensor-core instructions {sorted(hmma)}, expected {expected}")
+        in_loops = any(
+            kernel.count(a, b + 1, lambda op: op.startswith("HMMA")) for a, b in kernel.loops()
+        )
+        if not in_loops:
+            problems.append(f"{name}: no HMMA inside a loop")
     assert_no_problems(problems)
