@@ -206,15 +206,16 @@ def test_emulated_lowp_resets_and_lengths(emu, dtype, path, relu):  # noqa: F811
 
 # ---- the issue's criterion: error <= 1.5x nn.RNN's, against float64 ----------------------------
 
-# The issue's shapes T/B/H, run by the emulation on 8 emulated SMs of 128 threads with an H100's
+# The issue's shapes T/B/H, run by the emulation on 8 emulated SMs of one warp each with an H100's
 # 227 KiB of shared memory per block (H = 512 needs 83 KiB on 8 SMs). Every emulated mma is three
-# warp exchanges of 32 CPU threads: 64/16/128 takes about 30 s on 2 busy cores, the others more
-# (marked slow).
-CRITERION_DEVICE = device(8, smem=227 * 1024, coresident=8, threads=128)
+# warp exchanges of 32 CPU threads, so 32/8/512 is shrunk to T = 8 here (the full shape, run by
+# hand, met the criterion in 84 s per dtype on 2 shared cores); 64/16/128 took 7-29 s, 200/4/64
+# 6 s.
+CRITERION_DEVICE = device(8, smem=227 * 1024, coresident=8, threads=32)
 CRITERION_SHAPES = [
-    pytest.param((64, 16, 128), id="64/16/128"),
-    pytest.param((32, 8, 512), id="32/8/512", marks=pytest.mark.slow),
-    pytest.param((200, 4, 64), id="200/4/64", marks=pytest.mark.slow),
+    pytest.param((64, 16, 128), id="64/16/128", marks=pytest.mark.slow),
+    pytest.param((8, 8, 512), id="8/8/512", marks=pytest.mark.slow),
+    pytest.param((200, 4, 64), id="200/4/64"),
 ]
 
 
