@@ -175,6 +175,23 @@ __device__ __forceinline__ void block_product(const uint16_t* stage, const uint1
   }
 }
 
+// What a block of either kernel owns: units [j0, j0 + nj) and its shared memory, wsl [J][ld]
+// with its part of W (loaded here; the first staging barrier orders the loads before any read),
+// then stage [b_tile][ld].
+struct MmaBlock {
+  uint16_t* wsl;
+  uint16_t* stage;
+  int ld, j0, nj;
+};
+__device__ __forceinline__ MmaBlock mma_block(uint16_t* smem, const uint16_t* w_hh,
+                                              const LowpParams& p, bool transposed) {
+  const int ld = lowp_row_stride(p.Kp), j0 = static_cast<int>(blockIdx.x) * p.J;
+  const MmaBlock blk{smem, smem + static_cast<int64_t>(p.J) * ld, ld, j0,
+                     p.H - j0 < p.J ? p.H - j0 : p.J};
+  load_w_part(w_hh, blk.wsl, p.H, ld, p.J, j0, blk.nj, transposed);
+  return blk;
+}
+
 __device__ __forceinline__ float activation_lowp(float z, bool relu) {
   if (relu) return z < 0.0f ? 0.0f : z;  // NaN passes through, as torch.relu
   return tanhf(z);
@@ -191,12 +208,7 @@ __global__ void __launch_bounds__(256, 1)
                            const float* __restrict__ bias, uint16_t* y, const bool* resets,
                            const int64_t* lengths, LowpParams p) {
   FB_DYNAMIC_SHARED(uint16_t, smem);
-  const int ld = lowp_row_stride(p.Kp);
-  uint16_t* const wsl = smem;
-  uint16_t* const stage = smem + static_cast<int64_t>(p.J) * ld;
-  const int j0 = static_cast<int>(blockIdx.x) * p.J;
-  const int nj = p.H - j0 < p.J ? p.H - j0 : p.J;
-  load_w_part(w_hh, wsl, p.H, ld, p.J, j0, nj, false);  // ordered by the staging's barriers
+  const MmaBlock blk = mma_block(smem, w_hh, p, false);
   const RowBounds rb{resets, lengths, p.T, p.B};
   const int64_t step = static_cast<int64_t>(p.B) * p.H;
   fb::GridToken token{};
@@ -206,14 +218,15 @@ __global__ void __launch_bounds__(256, 1)
     uint16_t* y_t = y + t * step;
     for (int b0 = 0; b0 < p.B; b0 += p.b_tile) {
       __syncthreads();  // the previous rows in `stage` are no longer read
-      stage_rows_lowp(h_prev, p.B, p.H, ld, b0, p.b_tile, stage,
+      stage_rows_lowp(h_prev, p.B, p.H, blk.ld, b0, p.b_tile, blk.stage,
                       [&](int b) { return rb.carries_into(t, b); });
       __syncthreads();
-      block_product<Fmt>(stage, wsl, p, b0, nj, [&](int b, int n, float acc) {
-        const int64_t i = static_cast<int64_t>(b) * p.H + j0 + n;
+      block_product<Fmt>(blk.stage, blk.wsl, p, b0, blk.nj, [&](int b, int n, float acc) {
+        const int j = blk.j0 + n;
+        const int64_t i = static_cast<int64_t>(b) * p.H + j;
         float out = 0.0f;
         if (t < rb.length(b)) {
-          const float z = Fmt::widen(y_t[i]) + (bias != nullptr ? bias[j0 + n] : 0.0f) + acc;
+          const float z = Fmt::widen(y_t[i]) + (bias != nullptr ? bias[j] : 0.0f) + acc;
           out = activation_lowp(z, p.relu);
         }
         y_t[i] = Fmt::round(out);
@@ -240,12 +253,7 @@ __global__ void __launch_bounds__(256, 1)
                             uint16_t* dz, const bool* resets, const int64_t* lengths,
                             LowpParams p) {
   FB_DYNAMIC_SHARED(uint16_t, smem);
-  const int ld = lowp_row_stride(p.Kp);
-  uint16_t* const wsl = smem;
-  uint16_t* const stage = smem + static_cast<int64_t>(p.J) * ld;
-  const int j0 = static_cast<int>(blockIdx.x) * p.J;
-  const int nj = p.H - j0 < p.J ? p.H - j0 : p.J;
-  load_w_part(w_hh, wsl, p.H, ld, p.J, j0, nj, true);
+  const MmaBlock blk = mma_block(smem, w_hh, p, true);
   const RowBounds rb{resets, lengths, p.T, p.B};
   const int64_t step = static_cast<int64_t>(p.B) * p.H;
   fb::GridToken token{};
@@ -256,11 +264,11 @@ __global__ void __launch_bounds__(256, 1)
     const uint16_t* dz_next = dz + (last ? t : t + 1) * step;
     for (int b0 = 0; b0 < p.B; b0 += p.b_tile) {
       __syncthreads();
-      stage_rows_lowp(dz_next, p.B, p.H, ld, b0, p.b_tile, stage,
+      stage_rows_lowp(dz_next, p.B, p.H, blk.ld, b0, p.b_tile, blk.stage,
                       [&](int b) { return !last && rb.carries_into(t + 1, b); });
       __syncthreads();
-      block_product<Fmt>(stage, wsl, p, b0, nj, [&](int b, int n, float acc) {
-        const int64_t i = static_cast<int64_t>(b) * p.H + j0 + n, at = t * step + i;
+      block_product<Fmt>(blk.stage, blk.wsl, p, b0, blk.nj, [&](int b, int n, float acc) {
+        const int64_t i = static_cast<int64_t>(b) * p.H + blk.j0 + n, at = t * step + i;
         const int len = rb.length(b);
         float out = 0.0f;
         if (t < len) {
