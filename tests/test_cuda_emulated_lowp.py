@@ -309,4 +309,4 @@ def test_tsan_lowp_kernels_race_free_and_correct():
     assert done.returncode == 0, f"TSan build failed:\n{' '.join(cmd)}\n{done.stderr}"
     rc, out = run_tsan(exe, "lowp")
     assert "ThreadSanitizer" not in out, out
-    assert rc == 0 and "lowp: max rel" in out, f"rc={rc}\n{out}"
+    assert rc == 0 and out.count("max rel") == 2, f"rc={rc}\n{out}"

@@ -237,7 +237,8 @@ def test_step_inputs_are_loaded_before_the_grid_barrier(machine_code, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lowp_kernels_use_tensor_cores(machine_code, arch):
     """The bfloat16/float16 kernels' product is the tensor-core instruction: HMMA.16816 with
-    float32 accumulation (bf16 or f16 inputs as the kernel's format), inside the step loop."""
+    float32 accumulation (bf16 or f16 inputs as the kernel's format), inside the step loop; their
+    staging of aligned rows is cp.async (LDGSTS)."""
     assert arch in machine_code, f"no cubin for sm_{arch}: {sorted(machine_code)}"
     kernels = {n: k for n, k in machine_code[arch].items() if "mma_kernel" in n}
     assert len(kernels) == 4, sorted(kernels)  # forward, backward x bf16, f16
@@ -253,4 +254,7 @@ def test_lowp_kernels_use_tensor_cores(machine_code, arch):
         )
         if not in_loops:
             problems.append(f"{name}: no HMMA inside a loop")
+        # Rows of 16-byte aligned data are staged by asynchronous 16-byte copies.
+        if not any(sass_checks.is_async_copy(op) for op in ops):
+            problems.append(f"{name}: no asynchronous copy (LDGSTS) in the staging")
     assert_no_problems(problems)

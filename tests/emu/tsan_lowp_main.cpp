@@ -1,7 +1,8 @@
 // tsan_lowp_main.cpp: the bfloat16 tensor-core kernels of csrc/cuda/rnn_kernels_lowp.cuh on plain
 // arrays under simt_emu.h and mma_emu.h, no torch, built by tests/test_cuda_emulated_lowp.py with
-// g++ -fsanitize=thread. Forward and backward, with resets and lengths, on a plan of 3 blocks
-// staging B = 19 rows 16 at a time (the staging buffer reused within a step), checked against naive loops that round where the kernels do
+// g++ -fsanitize=thread. Forward and backward, with resets and lengths, on plans of 3 blocks
+// staging B = 19 rows 16 at a time (the staging buffer reused within a step), with H = 20 (rows
+// staged one element at a time) and H = 24 (16-byte asynchronous copies), checked against naive loops that round where the kernels do
 // (fused_bptt.h's math, rnn_kernels_lowp.cuh's rounding points); exit 0 when they agree within a
 // bf16 rounding (the sums run in another order), so TSan must stay silent and the numbers right.
 #include "simt_emu.h"  // before the kernels: they take CUDA's names from it
@@ -35,8 +36,9 @@ struct Problem {
   std::vector<int64_t> lengths;
 };
 
-Problem make_problem() {
+Problem make_problem(int H) {
   Problem p;
+  p.H = H;
   std::mt19937 gen(7);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   auto fill = [&](Bits& v, size_t n, float s) {
@@ -112,9 +114,9 @@ double max_rel(const Bits& a, const Bits& b) {
 
 }  // namespace
 
-int main() {
-  const Problem p = make_problem();
-  // 3 blocks of 8 units (the last owns 4), 2 warps each; rows staged 16 at a time.
+// Runs both kernels on p; true when they agree with the naive loops.
+bool check(const Problem& p) {
+  // 3 blocks of 8 units (the last owns 4 where H = 20), 2 warps each; rows staged 16 at a time.
   const LowpParams params{p.T, p.B, p.H, 32, 8, 3, 16, false};
   const size_t smem = lowp_smem_elements(params.J, params.b_tile, params.Kp) * 2;
   const bool* resets = reinterpret_cast<const bool*>(p.resets.data());
@@ -127,8 +129,13 @@ int main() {
                            p.lengths.data(), params);
   // The naive backward from the kernels' own y: each is held to its own rounding.
   const double ey = max_rel(y, naive_forward(p)), edz = max_rel(dz, naive_backward(p, y));
-  std::printf("lowp: max rel |y - naive| = %.3g, |dz - naive| = %.3g\n", ey, edz);
+  std::printf("lowp H=%d: max rel |y - naive| = %.3g, |dz - naive| = %.3g\n", p.H, ey, edz);
   // Sums in another order may round a few elements to the neighbouring bf16 value (2^-8
   // relative), which the next steps carry on.
-  return ey < 3e-2 && edz < 3e-2 ? 0 : 1;
+  return ey < 3e-2 && edz < 3e-2;
+}
+
+int main() {
+  const bool scalar = check(make_problem(20)), vector = check(make_problem(24));
+  return scalar && vector ? 0 : 1;
 }
