@@ -2,9 +2,10 @@
 // arrays under simt_emu.h and mma_emu.h, no torch, built by tests/test_cuda_emulated_lowp.py with
 // g++ -fsanitize=thread. Forward and backward, with resets and lengths, on plans of 3 blocks
 // staging B = 19 rows 16 at a time (the staging buffer reused within a step), with H = 20 (rows
-// staged one element at a time) and H = 24 (16-byte asynchronous copies), checked against naive loops that round where the kernels do
-// (fused_bptt.h's math, rnn_kernels_lowp.cuh's rounding points); exit 0 when they agree within a
-// bf16 rounding (the sums run in another order), so TSan must stay silent and the numbers right.
+// staged one element at a time) and H = 24 (16-byte asynchronous copies), checked against naive
+// loops that round where the kernels do (fused_bptt.h's math, rnn_kernels_lowp.cuh's rounding
+// points); exit 0 when they agree within a bf16 rounding (the sums run in another order), so TSan
+// must stay silent and the numbers right.
 #include "simt_emu.h"  // before the kernels: they take CUDA's names from it
 #include "mma_emu.h"
 
