@@ -300,6 +300,32 @@ def test_cuda_lowp_ops_match_float64(shape, relu, dtype, path):
     assert not bad, f"{shape} {path}: errors above {BOUNDS[dtype]:.1e}: {bad}"
 
 
+def test_cuda_lowp_auto_falls_back_when_the_part_cannot_fit(monkeypatch):
+    """H = 8192 in bf16: a block's part of W_hh (at least 8 units x 8200 elements) and 16 staged
+    rows exceed every GPU's shared memory; auto takes the per-step path (and is right), a forced
+    persistent path raises."""
+    from test_lowp import BOUNDS, relative_errors, run_reference
+
+    monkeypatch.setenv("FUSED_BPTT_CUDA_PATH", "auto")
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(2, 3, 4, 8192, torch.bfloat16, device="cuda")
+
+    def run():
+        y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+        gy = torch.randn_like(y)
+        return (y, *ops.rnn_backward(gy, x, h0, w_ih, w_hh, y, False)), gy
+
+    (got, gy), names = kernels_launched(run)
+    assert not mma_ran(names), sorted(names)
+    cpu = [t.cpu() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    errs = relative_errors(
+        [t.cpu() for t in got], run_reference(cpu, got[0].cpu(), False, gy.cpu(), None)
+    )
+    assert max(errs.values()) <= BOUNDS[torch.bfloat16], errs
+    monkeypatch.setenv("FUSED_BPTT_CUDA_PATH", "persistent")
+    with pytest.raises(RuntimeError, match="persistent CUDA kernel was forced but cannot run"):
+        ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=lowp_ids)
 @pytest.mark.parametrize("shape", [(64, 16, 128), (32, 8, 512), (200, 4, 64)], ids=str)
 def test_cuda_lowp_error_at_most_1_5x_nn_rnn(dtype, shape):

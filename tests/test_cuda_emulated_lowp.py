@@ -204,6 +204,30 @@ def test_emulated_lowp_resets_and_lengths(emu, dtype, path, relu):  # noqa: F811
     assert not bad, f"errors above {BOUNDS[dtype]:.1e}: {bad}"
 
 
+@pytest.mark.parametrize("path", ["auto", "per_step"])
+def test_emulated_lowp_relu_backward_passes_nan_like_autograd(emu, path):  # noqa: F811
+    """relu's backward is a select, as autograd's: 0 where y <= 0 even for a NaN gradient, the
+    gradient passed on where y is NaN; exactly the float32 rule on the bf16 numbers."""
+    from fused_bptt import reference
+
+    emu.set_device(*device(2, threads=64, path=path))
+    T, B, I, H = 3, 4, 3, 16
+    x, h0, w_ih, w_hh, _, _ = make_layer_inputs(T, B, I, H, torch.bfloat16, seed=4)
+    y = emu.rnn_forward(x, h0, w_ih, w_hh, None, None, True).clone()
+    assert bool(emu.last_launch()[0]) == (path == "auto")
+    grad_y = torch.randn(y.shape).to(y)
+    y[T - 1, 0, :3] = float("nan")  # the last step only: dW_hh stays finite
+    negative = (y <= 0).nonzero(as_tuple=True)
+    assert len(negative[0]) >= 2
+    grad_y[negative] = float("nan")
+    dx, dh0, dw_ih, dw_hh, db = emu.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, True)
+    want = reference.rnn_backward(*[t.double() for t in (grad_y, x, h0, w_ih, w_hh, y)], True)
+    for name, got, ref in zip(NAMES[1:], (dx, dh0, dw_ih, dw_hh, db), want):
+        assert torch.isfinite(ref).all() and torch.isfinite(got).all(), name
+        err = (got.double() - ref).norm() / ref.norm()
+        assert err <= BOUNDS[torch.bfloat16], (name, err.item())
+
+
 # ---- the issue's criterion: error <= 1.5x nn.RNN's, against float64 ----------------------------
 
 # The issue's shapes T/B/H, run by the emulation on 8 emulated SMs of one warp each with an H100's
