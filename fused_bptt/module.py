@@ -155,12 +155,24 @@ class FusedRNN(nn.RNN):
         """(input, hx, weights in nn.RNN's order, whether autocast is on). Under autocast, nn.RNN's
         policy (its op is on autocast's lower-precision list): floating tensors other than
         float64 run in the autocast dtype, and so does the output."""
-        weights = [getattr(self, name) for name in self._flat_weights_names]
+        weights = self._weights()
         autocast = torch.is_autocast_enabled(input.device.type)
         if autocast:
             low = torch.get_autocast_dtype(input.device.type)
             input, hx, *weights = [_autocast_cast(t, low) for t in (input, hx, *weights)]
         return input, hx, weights, autocast
+
+    def _weights(self) -> list:
+        """The weights in nn.RNN's order (_flat_weights_names), read where they live now: from
+        _parameters directly (a module attribute lookup per weight costs microseconds a call),
+        and through getattr for a name that is not a plain parameter there (a parametrization,
+        or a tensor put in its place)."""
+        params = self._parameters
+        weights = []
+        for name in self._flat_weights_names:
+            w = params.get(name)
+            weights.append(getattr(self, name) if w is None else w)
+        return weights
 
     def _zero_state(self, batch: int, like: Tensor) -> Tensor:
         """nn.RNN's default hx: zeros [num_layers * num_directions, batch, H]."""
@@ -201,6 +213,9 @@ class FusedRNN(nn.RNN):
         backend = resolve_backend(self.backend, x)
         per_layer = 4 if self.bias else 2
         reverse = _Reversal(x, resets, lengths) if num_directions == 2 else None
+        # Each layer's initial state as a view of hx: with one state, squeeze (whose backward is a
+        # view too) rather than hx[0] (whose backward allocates zeros like hx and copies in).
+        states = (hx.squeeze(0),) if hx.size(0) == 1 else hx.unbind(0)
         finals = []
         for layer in range(self.num_layers):
             outputs = []
@@ -210,23 +225,19 @@ class FusedRNN(nn.RNN):
                 bias_ih, bias_hh = (w[2], w[3]) if self.bias else (None, None)
                 # The reverse direction is the forward recurrence over the time-flipped input
                 # (each sequence flipped within its own length).
-                if direction == 0:
-                    y, h_last = layer_forward(
-                        backend, x, hx[index], w[0], w[1], bias_ih, bias_hh, relu, resets, lengths
-                    )
-                else:
-                    y, h_last = layer_forward(
-                        backend,
-                        reverse.flip(x),
-                        hx[index],
-                        w[0],
-                        w[1],
-                        bias_ih,
-                        bias_hh,
-                        relu,
-                        reverse.resets,
-                        lengths,
-                    )
+                flip = direction == 1
+                y, h_last = layer_forward(
+                    backend,
+                    reverse.flip(x) if flip else x,
+                    states[index],
+                    *w[:2],
+                    bias_ih,
+                    bias_hh,
+                    relu,
+                    reverse.resets if flip else resets,
+                    lengths,
+                )
+                if flip:
                     y = reverse.flip(y)
                 outputs.append(y)
                 finals.append(h_last)
