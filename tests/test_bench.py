@@ -87,3 +87,14 @@ def test_cpu_bench_quick_run_bfloat16(tmp_path):
     assert {r["dtype"] for r in rows} == {"bfloat16"}
     summary = (tmp_path / "cpu_summary_bfloat16.txt").read_text()
     assert "FusedRNN float32 time / bfloat16 time" in summary
+
+
+def test_gpu_bench_imports_and_its_varlen_rows_run_on_the_cpu():
+    """bench_gpu.py cannot time anything here, but it imports, and its boundary rows (bench_cpu's
+    run_varlen with the GPU's device argument) build and run their shapes on the CPU."""
+    if "cpp" not in fused_bptt.available_backends():
+        pytest.skip("the varlen rows need the compiled CPU kernels")
+    bench_gpu = load_script("bench_gpu")
+    lines = bench_gpu.run_varlen(quick=True, rounds=1, warmup=0, device="cpu")
+    assert [line.split()[0] for line in lines] == ["resets", "packed"], lines
+    assert all("ratio" in line and "ms" in line for line in lines), lines
