@@ -87,3 +87,25 @@ def test_cpu_bench_quick_run_bfloat16(tmp_path):
     assert {r["dtype"] for r in rows} == {"bfloat16"}
     summary = (tmp_path / "cpu_summary_bfloat16.txt").read_text()
     assert "FusedRNN float32 time / bfloat16 time" in summary
+
+
+def test_lm_boundaries_quick_run(tmp_path):
+    """The boundaries demo runs both variants, trains with and without boundaries, evaluates
+    each model both ways and writes its table, curves, summary and plot."""
+    pytest.importorskip("matplotlib")
+    rows = load_script("lm_boundaries").main(["--quick", "--out", str(tmp_path), *quick_backend()])
+    combos = {(r["variant"], r["trained"], r["evaluated"]) for r in rows}
+    assert combos == {
+        (v, t, e)
+        for v in ("alphabet", "text")
+        for t in ("with", "without")
+        for e in ("with", "without")
+    }
+    assert list(csv.DictReader((tmp_path / "lm_boundaries.csv").open())) == [
+        {k: str(v) for k, v in r.items()} for r in rows
+    ]
+    curves = list(csv.DictReader((tmp_path / "lm_boundaries_curves.csv").open()))
+    assert curves and all(math.isfinite(float(c["train_bpb"])) for c in curves)
+    assert any(c["eval_with_first"] and c["eval_without_first"] for c in curves)
+    assert "bpb_first8" in (tmp_path / "lm_boundaries.txt").read_text()
+    assert (tmp_path / "lm_boundaries.png").stat().st_size > 0
