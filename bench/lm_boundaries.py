@@ -2,14 +2,17 @@
 without document boundaries.
 
 Data (made here, no download): many short independent documents end to end in one byte stream,
-so the right state at a document start is "nothing". Two kinds of documents:
+so the right state at a document start is "nothing". Three kinds of documents:
 
-  alphabet  a header of 4 distinct sorted letters, then words written with those 4 letters only,
-            then the header repeated:   "bgkq:gb qqk b kgqb=bgkq\\n"
+  alphabet  a header of 4 distinct sorted letters out of a..j, then words written with those 4
+            letters only, then the header repeated:   "bdgj:gb jjd b dgjb=bdgj\\n"
             Given the header, a body letter costs 2 bits and the echoed letters 0 bits; the state
             left by the previous document holds another set of 4 letters, which the model must
             learn to forget when the new header comes (the new document's own letters are
             needed from its first body letter on).
+  unmarked  the same documents with spaces for ':', '=' and the newline:
+            "bdgj gb jjd b dgjb bdgj aceh ...": nothing but the boundary stream says for sure
+            where a document starts (as with episodes whose first observation looks like any).
   text      plain-text-like: a title naming a person, then a few sentences about them, where the
             name and the pronoun (she / he) come back:   "Title: Mara\\nMara saw the old dog.
             Then she ..." (a name or a pronoun costs little given the title, much without).
@@ -24,9 +27,9 @@ Both models are then run over held-out documents (a fresh stream, statefully fro
 truncation at test time) both ways: with resets at the document starts and without. The table
 separates "trained with" from "evaluated with". Bits per byte (cross-entropy in bits, lower is
 better) overall, on the first --first bytes of each document (where a leaked state matters
-most), and on the bytes that depend on the header (alphabet: body and echo letters; text: the
-name and the pronoun after the title). Bytes of a stream before its first full document are not
-scored.
+most), and on the bytes that depend on the header (alphabet, unmarked: body and echo letters;
+text: the name and the pronoun after the title). Bytes of a stream before its first full document
+are not scored.
 
 Outputs under --out: lm_boundaries.csv (the table), lm_boundaries_curves.csv (training loss per
 update; held-out figures every --eval-every updates), lm_boundaries.png (learning curves),
@@ -408,11 +411,12 @@ def run(args, used, out):
     text = "\n\n".join(
         [
             header,
-            f"held-out bits per byte ({args.eval_streams} streams of {args.eval_bytes} bytes "
-            f"all told, run from zeros without truncation); first{args.first}: positions "
-            f"0..{args.first - 1} of each document; header_dep: the bytes the header decides "
-            f"(alphabet: body and echo letters, ideal 2 bits for a body letter and 0 for an echo "
-            f"letter; text: the name and the pronoun after the title)\n" + format_table(rows),
+            f"held-out bits per byte (a stream of {args.eval_bytes} bytes cut into "
+            f"{args.eval_streams} streams, run from zeros without truncation); "
+            f"first{args.first}: positions 0..{args.first - 1} of each document; header_dep: "
+            f"the bytes the header decides (alphabet, unmarked: body and echo letters, ideal 2 "
+            f"bits for a body letter and 0 for an echo letter; text: the name and the pronoun "
+            f"after the title)\n" + format_table(rows),
             f"training and evaluation took {time.perf_counter() - start:.0f} s",
         ]
     )
