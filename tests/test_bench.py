@@ -90,14 +90,14 @@ def test_cpu_bench_quick_run_bfloat16(tmp_path):
 
 
 def test_lm_boundaries_quick_run(tmp_path):
-    """The boundaries demo runs both variants, trains with and without boundaries, evaluates
+    """The boundaries demo runs every variant, trains with and without boundaries, evaluates
     each model both ways and writes its table, curves, summary and plot."""
     pytest.importorskip("matplotlib")
     rows = load_script("lm_boundaries").main(["--quick", "--out", str(tmp_path), *quick_backend()])
     combos = {(r["variant"], r["trained"], r["evaluated"]) for r in rows}
     assert combos == {
         (v, t, e)
-        for v in ("alphabet", "text")
+        for v in ("alphabet", "unmarked", "text")
         for t in ("with", "without")
         for e in ("with", "without")
     }
