@@ -305,16 +305,22 @@ def run_variant(variant, args):
         model, curve, log = train_run(variant, trained_with, args, (stream, starts), held_out)
         curves += curve
         tail = log[-max(1, len(log) // 10) :]
+        # Halfway through training: how fast each got there, not only where it ended.
+        midway = next(r for r in curve if "eval_with_all" in r and r["update"] >= len(log) / 2)
         for evaluated_with in (True, False):
             bits = held_out.bits(model, evaluated_with)
+            evaluated = "with" if evaluated_with else "without"
             rows.append(
                 {
                     "variant": variant,
                     "trained": "with" if trained_with else "without",
-                    "evaluated": "with" if evaluated_with else "without",
+                    "evaluated": evaluated,
                     "bpb_all": bits["all"],
                     f"bpb_first{args.first}": bits["first"],
                     "bpb_header_dep": bits["header_dep"],
+                    "midway_update": midway["update"],
+                    "midway_bpb_all": midway[f"eval_{evaluated}_all"],
+                    "midway_bpb_header_dep": midway[f"eval_{evaluated}_header_dep"],
                     "train_bpb_last10pct": sum(tail) / len(tail) / LN2,
                 }
             )
@@ -416,7 +422,8 @@ def run(args, used, out):
             f"first{args.first}: positions 0..{args.first - 1} of each document; header_dep: "
             f"the bytes the header decides (alphabet, unmarked: body and echo letters, ideal 2 "
             f"bits for a body letter and 0 for an echo letter; text: the name and the pronoun "
-            f"after the title)\n" + format_table(rows),
+            f"after the title); midway: the same, held out, halfway through training\n"
+            + format_table(rows),
             f"training and evaluation took {time.perf_counter() - start:.0f} s",
         ]
     )
