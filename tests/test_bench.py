@@ -98,3 +98,25 @@ def test_gpu_bench_imports_and_its_varlen_rows_run_on_the_cpu():
     lines = bench_gpu.run_varlen(quick=True, rounds=1, warmup=0, device="cpu")
     assert [line.split()[0] for line in lines] == ["resets", "packed"], lines
     assert all("ratio" in line and "ms" in line for line in lines), lines
+
+
+def test_lm_boundaries_quick_run(tmp_path):
+    """The boundaries demo runs every variant, trains with and without boundaries, evaluates
+    each model both ways and writes its table, curves, summary and plot."""
+    pytest.importorskip("matplotlib")
+    rows = load_script("lm_boundaries").main(["--quick", "--out", str(tmp_path), *quick_backend()])
+    combos = {(r["variant"], r["trained"], r["evaluated"]) for r in rows}
+    assert combos == {
+        (v, t, e)
+        for v in ("alphabet", "unmarked", "text")
+        for t in ("with", "without")
+        for e in ("with", "without")
+    }
+    assert list(csv.DictReader((tmp_path / "lm_boundaries.csv").open())) == [
+        {k: str(v) for k, v in r.items()} for r in rows
+    ]
+    curves = list(csv.DictReader((tmp_path / "lm_boundaries_curves.csv").open()))
+    assert curves and all(math.isfinite(float(c["train_bpb"])) for c in curves)
+    assert any(c["eval_with_first"] and c["eval_without_first"] for c in curves)
+    assert "bpb_first8" in (tmp_path / "lm_boundaries.txt").read_text()
+    assert (tmp_path / "lm_boundaries.png").stat().st_size > 0
