@@ -216,6 +216,20 @@ def _assert_rnn_nodes_take_sequence_lens(proto):
     ]
 
 
+def _assert_runs_like_nn_rnn_on_packed_input(proto, layers, ref, fused, with_hx):
+    """The graph is standard, each RNN node takes sequence_lens, and onnxruntime gives nn.RNN's
+    result on the packed input at each of LENGTH_RUNS."""
+    _assert_standard_rnn_graph(proto, layers)
+    _assert_rnn_nodes_take_sequence_lens(proto)
+    for T, lengths in LENGTH_RUNS:
+        args = _length_inputs(fused, T, lengths, with_hx, seed=10 * T + len(lengths))
+        y, h_n = _run(proto, args)
+        y_ref, h_n_ref = _rnn_on_packed(ref, *args)
+        where = f"T={T}, lengths={lengths}"
+        np.testing.assert_allclose(y, y_ref.numpy(), rtol=0, atol=ATOL, err_msg=f"output, {where}")
+        np.testing.assert_allclose(h_n, h_n_ref.numpy(), rtol=0, atol=ATOL, err_msg=f"h_n, {where}")
+
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("config", LENGTH_CONFIGS, ids=_config_id)
 def test_export_with_lengths_runs_like_nn_rnn_on_packed_input(config, exporter, tmp_path):
@@ -229,15 +243,7 @@ def test_export_with_lengths_runs_like_nn_rnn_on_packed_input(config, exporter, 
         batch_first,
         names=("x", "lengths", "hx"),
     )
-    _assert_standard_rnn_graph(proto, layers)
-    _assert_rnn_nodes_take_sequence_lens(proto)
-    for T, lengths in LENGTH_RUNS:
-        args = _length_inputs(fused, T, lengths, with_hx, seed=10 * T + len(lengths))
-        y, h_n = _run(proto, args)
-        y_ref, h_n_ref = _rnn_on_packed(ref, *args)
-        where = f"T={T}, lengths={lengths}"
-        np.testing.assert_allclose(y, y_ref.numpy(), rtol=0, atol=ATOL, err_msg=f"output, {where}")
-        np.testing.assert_allclose(h_n, h_n_ref.numpy(), rtol=0, atol=ATOL, err_msg=f"h_n, {where}")
+    _assert_runs_like_nn_rnn_on_packed_input(proto, layers, ref, fused, with_hx)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -278,15 +284,7 @@ def test_packed_input_exports_as_nn_rnn_does_with_torchscript(with_hx, tmp_path)
     ]
     proto, proto_ref = export
     assert [n.op_type for n in proto.graph.node] == [n.op_type for n in proto_ref.graph.node]
-    _assert_standard_rnn_graph(proto, 2)
-    _assert_rnn_nodes_take_sequence_lens(proto)
-    for T, lengths in LENGTH_RUNS:
-        args = _length_inputs(fused, T, lengths, with_hx, seed=10 * T + len(lengths))
-        y, h_n = _run(proto, args)
-        y_ref, h_n_ref = _rnn_on_packed(ref, *args)
-        where = f"T={T}, lengths={lengths}"
-        np.testing.assert_allclose(y, y_ref.numpy(), rtol=0, atol=ATOL, err_msg=f"output, {where}")
-        np.testing.assert_allclose(h_n, h_n_ref.numpy(), rtol=0, atol=ATOL, err_msg=f"h_n, {where}")
+    _assert_runs_like_nn_rnn_on_packed_input(proto, 2, ref, fused, with_hx)
 
 
 def _error_chain(excinfo):
