@@ -83,6 +83,11 @@ def onnx_forward(
 ) -> Tuple[Tensor, Tensor]:
     """FusedRNN.forward while an ONNX export traces it: same inputs, outputs and checks."""
     if isinstance(input, PackedSequence):
+        if lengths is not None:
+            raise ValueError(
+                "FusedRNN: lengths applies to padded tensor input; a PackedSequence carries its "
+                "own lengths (pass lengths=None)"
+            )
         if torch.jit.is_tracing():
             # nn.RNN's own export of packed input: pack_padded_sequence, the RNN and
             # pad_packed_sequence become one ONNX RNN per layer with sequence_lens.

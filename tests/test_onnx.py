@@ -312,6 +312,25 @@ def test_packed_input_with_dynamo_says_what_to_do(tmp_path):
     assert "rnn(x, hx, lengths=lengths)" in _error_chain(excinfo)
 
 
+class _PacksAndPassesLengths(_PacksItsInput):
+    def forward(self, x, lengths):
+        return self.rnn(pack_padded_sequence(x, lengths), lengths=lengths)[1]
+
+
+def test_export_of_packed_input_with_lengths_too_says_what_to_do(tmp_path):
+    model = _PacksAndPassesLengths(FusedRNN(INPUT, HIDDEN)).eval()
+    with pytest.raises(ValueError) as excinfo:
+        _export(
+            model,
+            (torch.randn(*TRACE_SHAPE, INPUT), torch.tensor([6, 4, 1])),
+            tmp_path / "both.onnx",
+            "torchscript",
+            dynamic=False,
+            names=("x", "lengths"),
+        )
+    assert "a PackedSequence carries its own lengths" in str(excinfo.value)
+
+
 class _WithResets(nn.Module):
     def __init__(self, rnn):
         super().__init__()
