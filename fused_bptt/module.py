@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ._checks import check_boundaries
 from .export import onnx_export_active, onnx_forward
 from .function import check_backend_name, layer_forward, resolve_backend
 
@@ -31,7 +32,10 @@ class FusedRNN(nn.RNN):
     forward also takes a PackedSequence (as nn.RNN does: a PackedSequence comes back, h_n holds
     each sequence's last state) and, for tensor input, the keyword `resets`: a bool [T, B]
     ([B, T] with batch_first) that zeroes the state entering step t of sequence b in every layer
-    and direction (the reverse direction sees the same boundaries).
+    and direction (the reverse direction sees the same boundaries), and `lengths`: int64 [B] in
+    1..T, padded input whose sequence b ends after lengths[b] steps (what nn.RNN gives for
+    pack_padded_sequence(input, lengths, enforce_sorted=False), padded again to T; this form
+    also exports to ONNX with either exporter).
     """
 
     def __init__(
@@ -99,10 +103,14 @@ class FusedRNN(nn.RNN):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
-    # resets is positional-or-keyword, not keyword-only: the TorchScript ONNX exporter fills
-    # every parameter of forward positionally with its default.
+    # resets and lengths are positional-or-keyword, not keyword-only: the TorchScript ONNX
+    # exporter fills every parameter of forward positionally with its default.
     def forward(
-        self, input: Tensor, hx: Optional[Tensor] = None, resets: Optional[Tensor] = None
+        self,
+        input: Tensor,
+        hx: Optional[Tensor] = None,
+        resets: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         if onnx_export_active():  # torch.onnx.export: the graph is ONNX's RNN op (export.py)
             if resets is not None:
@@ -110,8 +118,13 @@ class FusedRNN(nn.RNN):
                     "ONNX export of FusedRNN does not take resets: ONNX's RNN op has no state "
                     "reset inside a sequence; export without resets"
                 )
-            return onnx_forward(self, input, hx)
+            return onnx_forward(self, input, hx, lengths)
         if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError(
+                    "FusedRNN: lengths applies to padded tensor input; a PackedSequence "
+                    "carries its own lengths (pass lengths=None)"
+                )
             if resets is not None:
                 raise ValueError(
                     "FusedRNN: resets applies to tensor input; a PackedSequence "
@@ -137,12 +150,14 @@ class FusedRNN(nn.RNN):
             input = input.transpose(0, 1)
         if input.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if lengths is not None:  # the range is read in eager mode only, as rnn_layer does
+            check_boundaries(input, None, lengths, values=not torch.compiler.is_compiling())
 
         if autocast:
             with torch.autocast(input.device.type, enabled=False):
-                output, h_n = self._run_layers(input, hx, weights, resets)
+                output, h_n = self._run_layers(input, hx, weights, resets, lengths)
         else:
-            output, h_n = self._run_layers(input, hx, weights, resets)
+            output, h_n = self._run_layers(input, hx, weights, resets, lengths)
 
         if self.batch_first:
             output = output.transpose(0, 1)
