@@ -36,6 +36,8 @@ KERNELS = [
     "rnn_backward_persistent_kernelId",
     "rnn_backward_step_kernelIf",
     "rnn_backward_step_kernelId",
+    "rnn_forward_step_kernelIf",
+    "rnn_forward_step_kernelId",
     # bfloat16 / float16 (rnn_kernels_lowp.cuh): tensor-core mma, sm_80+
     "rnn_forward_mma_kernelINS0_4Bf16",
     "rnn_forward_mma_kernelINS0_3F16",

@@ -157,9 +157,8 @@ at::Tensor rnn_forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at:
   if (cuda_impl::is_low_precision(x))
     return cuda_impl::rnn_forward_lowp_impl(current_device(x), has_mma(x), x, h0, weight_ih,
                                             weight_hh, bias_ih, bias_hh, relu, resets, lengths);
-  reject_boundaries(resets, lengths);
   return cuda_impl::rnn_forward_impl(current_device(x), x, h0, weight_ih, weight_hh, bias_ih,
-                                     bias_hh, relu);
+                                     bias_hh, relu, resets, lengths);
 }
 
 RnnGrads rnn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
@@ -173,9 +172,8 @@ RnnGrads rnn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const 
     return cuda_impl::rnn_backward_lowp_impl(current_device(x), has_mma(x), grad_y, x, h0,
                                              weight_ih, weight_hh, y, relu, grad_h_n, resets,
                                              lengths);
-  reject_boundaries(resets, lengths);
   return cuda_impl::rnn_backward_impl(current_device(x), grad_y, x, h0, weight_ih, weight_hh, y,
-                                      relu, grad_h_n);
+                                      relu, grad_h_n, resets, lengths);
 }
 
 }  // namespace

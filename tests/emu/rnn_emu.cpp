@@ -156,9 +156,9 @@ at::Tensor rnn_forward_emu(const at::Tensor& x, const at::Tensor& h0, const at::
                                               resets, lengths);
     });
   }
-  reject_boundaries(resets, lengths);
   return recorded([&](const EmuDevice& dev) {
-    return cuda_impl::rnn_forward_impl(dev, x, h0, w_ih, w_hh, b_ih, b_hh, relu);
+    return cuda_impl::rnn_forward_impl(dev, x, h0, w_ih, w_hh, b_ih, b_hh, relu, resets,
+                                       lengths);
   });
 }
 
@@ -173,9 +173,9 @@ RnnGrads rnn_backward_emu(const at::Tensor& grad_y, const at::Tensor& x, const a
                                                grad_h_n, resets, lengths);
     });
   }
-  reject_boundaries(resets, lengths);
   return recorded([&](const EmuDevice& dev) {
-    return cuda_impl::rnn_backward_impl(dev, grad_y, x, h0, w_ih, w_hh, y, relu, grad_h_n);
+    return cuda_impl::rnn_backward_impl(dev, grad_y, x, h0, w_ih, w_hh, y, relu, grad_h_n, resets,
+                                        lengths);
   });
 }
 
