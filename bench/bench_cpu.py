@@ -24,7 +24,6 @@ Benchmarks report; they never assert speed.
 """
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -33,7 +32,10 @@ import time
 
 import torch
 
-import fused_bptt  # the installed package (pip install --no-build-isolation .), with its _C
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_util import import_fused_bptt, require_cpp_backend, save_figure, write_csv  # noqa: E402
+
+fused_bptt = import_fused_bptt("bench_cpu")
 
 IMPLS = ("cpp", "ops", "reference", "nn")
 LOW_PRECISION_IMPLS = IMPLS + ("cpp_float32",)
@@ -214,13 +216,6 @@ def run_sweep(points, budget_s, rows, dtype=torch.float32):
             )
 
 
-def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 STYLES = {"cpp": "-o", "ops": "-.^", "reference": ":x", "nn": "--s", "cpp_float32": "-d"}
 
 
@@ -257,10 +252,8 @@ def plot(rows, T, out_dir, suffix=""):
             ax.set_xlabel("hidden size H (= input size)")
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7)
-        fig.tight_layout()
         path = os.path.join(out_dir, f"cpu_{kind}_vs_H{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110)
         paths.append(path)
     return paths
 
@@ -483,11 +476,7 @@ def main(argv=None):
         help="only the resets / PackedSequence rows (run_varlen)",
     )
     args = p.parse_args(argv)
-    if "cpp" not in fused_bptt.available_backends():
-        sys.exit(
-            "fused_bptt: the compiled CPU ops are not built; build them first "
-            "(pip install --no-build-isolation .)"
-        )
+    require_cpp_backend("bench_cpu")
     os.makedirs(args.out_dir, exist_ok=True)
     if args.varlen_only:
         run_varlen(args.quick, 0.02 if args.quick else 2.0)
@@ -519,7 +508,7 @@ def main(argv=None):
     rows = []
     run_sweep(points, budget, rows, dtype)
     csv_path = os.path.join(args.out_dir, f"cpu_bench{suffix}.csv")
-    write_csv(rows, csv_path)
+    write_csv(csv_path, rows)
     plots = plot(rows, sweep_T, args.out_dir, suffix)
     mem_shape = targets[2][0]
     models = make_models(mem_shape[2], dtype)

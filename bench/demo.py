@@ -57,14 +57,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import fused_bptt
-except ImportError as error:
-    raise SystemExit(
-        f"demo: cannot import fused_bptt ({error}); the demo runs the installed "
-        f"package: pip install --no-build-isolation . in the checkout"
-    ) from None
-from fused_bptt import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_util import (  # noqa: E402
+    format_table,
+    import_fused_bptt,
+    output_folder,
+    save_figure,
+    set_threads,
+    write_csv,
+)
+
+fused_bptt = import_fused_bptt("demo")
+from fused_bptt import (  # noqa: E402
     FusedRNN,
     RNNWithHead,
     StatefulTBPTT,
@@ -72,9 +76,6 @@ from fused_bptt import (
     available_backends,
     train_tbptt,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import format_table, write_csv  # noqa: E402
 
 
 def parse_args(argv):
@@ -480,9 +481,7 @@ def plot(path, args, pulse, recall):
         args,
         *recall,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_recall(acc_ax, stream_ax, args, summary, rows, samples):
@@ -592,10 +591,8 @@ def report(header, pulse_summary, recall_summary, pulse_rows, recall_rows, timin
 def main(argv=None):
     """Trains, evaluates, times, writes the outputs; returns the per-run rows of each task."""
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    out = output_folder(args.out)
+    set_threads(args.threads)
     header = describe(args, check_backend(args))
     print(header, flush=True)
     pulse, recall = make_tasks(args)
