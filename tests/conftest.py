@@ -41,26 +41,31 @@ GRAD_NAMES = ("dx", "dh0", "dW_ih", "dW_hh", "db")
 # is the gradient of both biases.
 LAYER_GRAD_NAMES = ("dx", "dh0", "dW_ih", "dW_hh", "db_ih", "db_hh")
 
-# (T, B, I, H) for the CPU kernels: T = 1 and B = 1, I != H, and H around the vector widths (4/8/16
-# lanes, column blocks of 8..64) so that full tiles, single vectors and scalar tail columns all run.
-KERNEL_SHAPES = [
-    (1, 1, 1, 1),
-    (1, 3, 5, 17),
-    (4, 1, 3, 65),
-    (6, 5, 17, 3),
-    (3, 6, 65, 17),
-    (5, 4, 8, 33),
-    (3, 9, 4, 70),
-]
-# Big enough (T * B * H * H >= 2^18, B = 2 register tiles) for the recurrence to split its batch
-# rows over two threads; H = 130 > 128 also runs the k-chunked tiles.
-PARALLEL_SHAPE = (5, 8, 7, 130)
-# The CPU kernels' switches (FUSED_BPTT_CPU_GEMM, FUSED_BPTT_CPU_ISA): every GEMM path, and the
-# instruction sets this CPU can run, widest first (torch names its own dispatch level).
-CPU_GEMM_MODES = ["auto", "aten", "blas"]
-CPU_ISAS = {"AVX512": ["avx512", "avx2", "sse2"], "AVX2": ["avx2", "sse2"]}.get(
-    torch.backends.cpu.get_cpu_capability(), ["sse2"]
-)
+
+class CPU:
+    """What the tests of the CPU kernels (test_cpu_kernel.py, test_lowp.py) sweep."""
+
+    # (T, B, I, H): T = 1 and B = 1, I != H, and H around the vector widths (4/8/16 lanes, column
+    # blocks of 8..64) so that full tiles, single vectors and scalar tail columns all run.
+    shapes = [
+        (1, 1, 1, 1),
+        (1, 3, 5, 17),
+        (4, 1, 3, 65),
+        (6, 5, 17, 3),
+        (3, 6, 65, 17),
+        (5, 4, 8, 33),
+        (3, 9, 4, 70),
+    ]
+    # Big enough (T * B * H * H >= 2^18, B = 2 register tiles) for the recurrence to split its
+    # batch rows over two threads; H = 130 > 128 also runs the k-chunked tiles.
+    parallel_shape = (5, 8, 7, 130)
+    # The switches the ops read on every call: FUSED_BPTT_CPU_GEMM, every GEMM path;
+    # FUSED_BPTT_CPU_ISA, the instruction sets this CPU can run, widest first (torch names its own
+    # dispatch level).
+    gemm_modes = ["auto", "aten", "blas"]
+    isas = {"AVX512": ["avx512", "avx2", "sse2"], "AVX2": ["avx2", "sse2"]}.get(
+        torch.backends.cpu.get_cpu_capability(), ["sse2"]
+    )
 
 
 def _cpu_float64(t):
