@@ -398,25 +398,28 @@ VARLEN_RESETS = ((128, 64, 256), 5.0, 8.0)  # FusedRNN(resets) vs the per-step n
 VARLEN_PACKED = ((64, 32, 256), 1.4, None)  # FusedRNN vs nn.RNN on one PackedSequence
 
 
-def run_varlen(quick, budget_s):
+def run_varlen(quick, budget_s, device="cpu", backend="cpp", timer=None):
     """Side by side, fwd+bwd, float32: FusedRNN with ~1% resets against the per-step loop users
     write today (zero the state, one nn.RNN call per step), and FusedRNN against nn.RNN on the
-    same PackedSequence (lengths uniform in [T/4, T]). Returns the summary lines."""
+    same PackedSequence (lengths uniform in [T/4, T]). Returns the summary lines.
+    bench_gpu.py runs the same rows on a GPU: device="cuda", backend="cuda", and a timer of its
+    own (timer(calls, budget_s) -> median seconds per name; default time_interleaved)."""
     from torch.nn.utils.rnn import pack_padded_sequence
 
+    timer = timer or time_interleaved
     lines = []
     g = torch.Generator().manual_seed(0)
     (T, B, H), must, aim = VARLEN_RESETS
     if quick:
         T, B, H = 8, 4, 16
-    nn_rnn = torch.nn.RNN(H, H)
-    fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend="cpp")
-    x = torch.randn(T, B, H, generator=g, requires_grad=True)
-    resets = torch.rand(T, B, generator=g) < 0.01
+    nn_rnn = torch.nn.RNN(H, H).to(device)
+    fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend=backend)
+    x = torch.randn(T, B, H, generator=g).to(device).requires_grad_()
+    resets = (torch.rand(T, B, generator=g) < 0.01).to(device)
     keep = (~resets).unsqueeze(-1).float()
 
     def loop():
-        h, ys = torch.zeros(1, B, H), []
+        h, ys = torch.zeros(1, B, H, device=device), []
         for t in range(T):
             y, h = nn_rnn(x[t : t + 1], h * keep[t])
             ys.append(y)
@@ -426,7 +429,7 @@ def run_varlen(quick, budget_s):
         y, h = fused(x, resets=resets)
         (y.sum() + h.sum()).backward()
 
-    ms = time_interleaved({"fused": fused_resets, "loop": loop}, budget_s)
+    ms = timer({"fused": fused_resets, "loop": loop}, budget_s)
     lines.append(
         f"resets  T/B/H={T}/{B}/{H} ~1% resets, fwd+bwd: FusedRNN {ms['fused'] * 1e3:.1f} ms,"
         f" per-step nn.RNN loop {ms['loop'] * 1e3:.1f} ms, ratio "
@@ -435,10 +438,11 @@ def run_varlen(quick, budget_s):
     (T, B, H), must, _ = VARLEN_PACKED
     if quick:
         T, B, H = 8, 4, 16
-    nn_rnn = torch.nn.RNN(H, H)
-    fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend="cpp")
+    nn_rnn = torch.nn.RNN(H, H).to(device)
+    fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend=backend)
+    # lengths stay on the CPU: pack_padded_sequence wants them there.
     lengths = torch.randint(max(1, T // 4), T + 1, (B,), generator=g)
-    xp = torch.randn(T, B, H, generator=g, requires_grad=True)
+    xp = torch.randn(T, B, H, generator=g).to(device).requires_grad_()
 
     def packed_call(model):
         def f():
@@ -447,7 +451,7 @@ def run_varlen(quick, budget_s):
 
         return f
 
-    ms = time_interleaved({"fused": packed_call(fused), "nn": packed_call(nn_rnn)}, budget_s)
+    ms = timer({"fused": packed_call(fused), "nn": packed_call(nn_rnn)}, budget_s)
     lines.append(
         f"packed  T/B/H={T}/{B}/{H} lengths in [{T // 4}, {T}], fwd+bwd: FusedRNN "
         f"{ms['fused'] * 1e3:.1f} ms, nn.RNN {ms['nn'] * 1e3:.1f} ms, ratio "

@@ -9,11 +9,16 @@ cuDNN is timed twice: with TF32 (torch.backends.cudnn.allow_tf32, on by default:
 rounded to 10-bit mantissas, about 1e-3 relative error) and without it (full float32, the
 precision fused_bptt computes in). Both ratios are reported.
 
-Writes bench/results/gpu_<device>.csv and, where matplotlib is installed, gpu_<device>.png.
-Never asserts speed. Run by bench/gpu.sh after the CUDA tests pass.
+Then the two boundary rows of bench_cpu.py (its run_varlen, on the GPU), fwd+bwd, float32:
+FusedRNN with ~1% resets against the per-step nn.RNN loop at T/B/H = 128/64/256, and FusedRNN
+against nn.RNN (cuDNN, TF32 off) on one PackedSequence at 64/32/256, lengths uniform in [16, 64].
+
+Writes bench/results/gpu_<device>.csv, gpu_<device>_varlen.txt and, where matplotlib is
+installed, gpu_<device>.png. Never asserts speed. Run by bench/gpu.sh after the CUDA tests pass.
 
     python bench/bench_gpu.py                    # the full grid (a few minutes)
     python bench/bench_gpu.py --quick            # B in {8}, H in {256}, T in {64}
+    python bench/bench_gpu.py --varlen-only      # only the two boundary rows
     FUSED_BPTT_CUDA_PATH=per_step python bench/bench_gpu.py   # the fallback path instead
 """
 
@@ -28,6 +33,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))  # bench_cpu's run_varlen, when imported from elsewhere
+import bench_cpu  # noqa: E402
 import fused_bptt  # noqa: E402  (bench/gpu.sh puts the in-place build first on PYTHONPATH)
 
 
@@ -41,6 +48,32 @@ def time_ms(fn, rounds_out, warmup):
     end.record()
     end.synchronize()
     rounds_out.append(start.elapsed_time(end))
+
+
+def time_interleaved_cuda(calls, rounds, warmup):
+    """Median seconds per name of calls {name: fn}, timed with CUDA events and interleaved in
+    rounds (bench_cpu.run_varlen's timer on a GPU)."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            time_ms(fn, times[name], warmup)
+    return {name: statistics.median(v) / 1e3 for name, v in times.items()}
+
+
+def run_varlen(quick, rounds, warmup, device="cuda"):
+    """bench_cpu.run_varlen's rows on `device` ("cuda"; "cpu" lets the tests run the same
+    shapes without a GPU): returns its summary lines. cuDNN without TF32, the precision of the
+    fused kernels."""
+    if device == "cpu":
+        return bench_cpu.run_varlen(quick, 0.0, device="cpu", backend="cpp")
+    with cudnn_tf32(False):
+        return bench_cpu.run_varlen(
+            quick,
+            None,
+            device=device,
+            backend="cuda",
+            timer=lambda calls, _budget: time_interleaved_cuda(calls, rounds, warmup),
+        )
 
 
 class cudnn_tf32:
@@ -166,6 +199,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=15, help="timed rounds per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls before each timed one")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--varlen-only", action="store_true", help="only the two boundary rows")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
@@ -185,6 +219,20 @@ def main():
         f"device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version()}; fused path: {path_env}"
     )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if path_env == "auto" else f"_{path_env}"
+    quick = "_quick" if args.quick else ""
+    if not args.varlen_only:
+        bench_grid(args, Bs, Hs, Ts, device, path_env, out / f"gpu_{tag}{suffix}{quick}.csv")
+    lines = run_varlen(args.quick, args.rounds, args.warmup)
+    varlen_path = out / f"gpu_{tag}{suffix}{quick}_varlen.txt"
+    varlen_path.write_text(f"{device}, fused path {path_env}\n" + "\n".join(lines) + "\n")
+    print(f"wrote {varlen_path}")
+
+
+def bench_grid(args, Bs, Hs, Ts, device, path_env, csv_path):
+    """The B x H x T grid against cuDNN: prints a table, writes csv_path and its PNG."""
     print("x: cuDNN time / fused time (cuDNN with TF32, its default; fp32: without)")
     print(
         f"{'B':>4} {'H':>5} {'T':>4} | {'fwd ms':>8} {'cuDNN':>8} {'x':>5} {'fp32':>5} | "
@@ -205,10 +253,6 @@ def main():
                     f"{r['fused_fwdbwd_us_per_step']:>11}",
                     flush=True,
                 )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if path_env == "auto" else f"_{path_env}"
-    csv_path = out / f"gpu_{tag}{suffix}{'_quick' if args.quick else ''}.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -63,14 +63,6 @@ RnnShape check_forward_inputs(const at::Tensor& x, const at::Tensor& h0, const a
 void check_boundaries(const at::Tensor& x, const std::optional<at::Tensor>& resets,
                       const std::optional<at::Tensor>& lengths);
 
-// For the backends that do not implement resets/lengths yet (the CUDA kernels): a clear error.
-inline void reject_boundaries(const std::optional<at::Tensor>& resets,
-                              const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(!resets.has_value() && !lengths.has_value(),
-              "fused_bptt: resets/lengths are not supported by the CUDA kernels yet; use "
-              "backend='reference'");
-}
-
 // Validates the backward arguments: the forward ones plus grad_y and y, both [T, B, H], and
 // grad_h_n [B, H] when given.
 RnnShape check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,

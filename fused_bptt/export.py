@@ -20,6 +20,25 @@ Layer l of an RNN with D directions (D = 2 when bidirectional), time-major x [T,
 ONNX's RNN computes H_t = f(X_t W^T + H_{t-1} R^T + Wb + Rb), nn.RNN's recurrence exactly, and
 its reverse direction reads the sequence from the end, as nn.RNN's does.
 
+Variable lengths (padded input with `lengths`, int64 [B]; or a PackedSequence, TorchScript
+exporter only) become RNN's optional input `sequence_lens` (int32 [B], the same for every layer
+and direction). onnxruntime then stops row b after lengths[b] steps, writes zeros to Y past it,
+returns each row's own last state as Y_h and starts the reverse direction at each row's own last
+step: nn.RNN's result on the packed input (tests/test_onnx.py checks all four). The ONNX spec
+leaves Y past the length and the reverse direction's start unsaid, and onnx's own reference
+evaluator (onnx 1.23.2) ignores sequence_lens: the model needs a runtime that implements it.
+
+- TorchScript exporter: padded input with lengths goes through pack_padded_sequence
+  (enforce_sorted=False), nn.RNN's forward and pad_packed_sequence, which that exporter turns
+  into the RNN nodes with sequence_lens, the rows sorted by length before them and put back after
+  (TopK, Gather): the graph of nn.RNN's own export of packed input.
+- dynamo exporter: lengths cast to int32 (one Cast node), fed to each RNN node. A PackedSequence
+  cannot cross this exporter: torch.export fails on nn.RNN's packed forward (its batch size is
+  read from the data), and the exporter has no translation for aten::_pack_padded_sequence.
+
+`resets` (a state reset inside a sequence) has no counterpart in the RNN op: FusedRNN refuses to
+export it.
+
 Nothing here changes global state: the checks read torch's export flags, the graph is written
 through the public torch.onnx.ops API, and no translation table or exporter registry is touched.
 """
@@ -28,7 +47,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ._checks import check_boundaries
 
 
 def onnx_export_active() -> bool:
@@ -57,32 +78,57 @@ def _in_onnx_export() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
-def onnx_forward(rnn: nn.RNN, input, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def onnx_forward(
+    rnn: nn.RNN, input, hx: Optional[Tensor] = None, lengths: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """FusedRNN.forward while an ONNX export traces it: same inputs, outputs and checks."""
     if isinstance(input, PackedSequence):
+        if lengths is not None:
+            raise ValueError(
+                "FusedRNN: lengths applies to padded tensor input; a PackedSequence carries its "
+                "own lengths (pass lengths=None)"
+            )
+        if torch.jit.is_tracing():
+            # nn.RNN's own export of packed input: pack_padded_sequence, the RNN and
+            # pad_packed_sequence become one ONNX RNN per layer with sequence_lens.
+            return nn.RNN.forward(rnn, input, hx)
         raise NotImplementedError(
-            "ONNX export of FusedRNN does not take a PackedSequence yet (variable lengths, ONNX "
-            "RNN's sequence_lens, are not supported); export with a padded [T, B, I] tensor "
-            "([B, T, I] with batch_first) instead"
+            "ONNX export of FusedRNN with the dynamo exporter does not take a PackedSequence "
+            "(nor does nn.RNN's: torch.export fails on the packed path, and the exporter has no "
+            "translation for pack_padded_sequence); pass the padded input and its lengths "
+            "instead, rnn(x, hx, lengths=lengths), which exports as ONNX RNN's sequence_lens, "
+            "or export with dynamo=False"
         )
-    if torch.jit.is_tracing():
+    if not torch.jit.is_tracing():
+        return _rnn_through_onnx_op(rnn, input, hx, lengths)
+    if lengths is None:
         return nn.RNN.forward(rnn, input, hx)
-    return _rnn_through_onnx_op(rnn, input, hx)
+    return _rnn_through_packing(rnn, input, hx, lengths)
 
 
-def _rnn_through_onnx_op(rnn: nn.RNN, input: Tensor, hx: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    if not hasattr(torch.onnx, "ops"):
-        raise RuntimeError(
-            f"exporting FusedRNN with the dynamo exporter needs torch >= 2.8 (torch.onnx.ops), "
-            f"but this is torch {torch.__version__}; upgrade torch or pass dynamo=False to "
-            f"torch.onnx.export"
-        )
-    if rnn.training and rnn.dropout > 0 and rnn.num_layers > 1:
-        # ONNX RNN has no dropout between layers: exporting it would silently drop it.
-        raise RuntimeError(
-            f"FusedRNN has dropout={rnn.dropout} between layers and is in training mode, which "
-            f"ONNX RNN cannot express; call model.eval() before torch.onnx.export"
-        )
+def _rnn_through_packing(
+    rnn: nn.RNN, input: Tensor, hx: Optional[Tensor], lengths: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Padded input with lengths under the TorchScript exporter: the packed input nn.RNN exports
+    (its graph sorts the rows by length and puts them back: TopK and Gather around the RNNs)."""
+    input, hx, is_batched = _checked_batched(rnn, input, hx, lengths)
+    packed = pack_padded_sequence(input, lengths, batch_first=rnn.batch_first, enforce_sorted=False)
+    output, h_n = nn.RNN.forward(rnn, packed, hx)
+    output, _ = pad_packed_sequence(
+        output, batch_first=rnn.batch_first, total_length=input.shape[int(rnn.batch_first)]
+    )
+    if not is_batched:
+        output = output.squeeze(0 if rnn.batch_first else 1)
+        h_n = h_n.squeeze(1)
+    return output, h_n
+
+
+def _checked_batched(
+    rnn: nn.RNN, input: Tensor, hx: Optional[Tensor], lengths: Optional[Tensor]
+) -> Tuple[Tensor, Optional[Tensor], bool]:
+    """nn.RNN's checks and errors (FusedRNN's for lengths, without reading its values, which
+    are not known while tracing); unbatched input as a batch of one. Returns (input, hx,
+    whether input was batched)."""
     if input.dim() not in (2, 3):
         raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
     is_batched = input.dim() == 3
@@ -108,6 +154,32 @@ def _rnn_through_onnx_op(rnn: nn.RNN, input: Tensor, hx: Optional[Tensor]) -> Tu
                 f"RNN hx dtype ({hx.dtype}) does not match input dtype "
                 f"({input.dtype}). Convert it: hx.to({input.dtype})"
             )
+    if lengths is not None:
+        check_boundaries(
+            input.transpose(0, 1) if rnn.batch_first else input, None, lengths, values=False
+        )
+    return input, hx, is_batched
+
+
+def _rnn_through_onnx_op(
+    rnn: nn.RNN, input: Tensor, hx: Optional[Tensor], lengths: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    if not hasattr(torch.onnx, "ops"):
+        raise RuntimeError(
+            f"exporting FusedRNN with the dynamo exporter needs torch >= 2.8 (torch.onnx.ops), "
+            f"but this is torch {torch.__version__}; upgrade torch or pass dynamo=False to "
+            f"torch.onnx.export"
+        )
+    if rnn.training and rnn.dropout > 0 and rnn.num_layers > 1:
+        # ONNX RNN has no dropout between layers: exporting it would silently drop it.
+        raise RuntimeError(
+            f"FusedRNN has dropout={rnn.dropout} between layers and is in training mode, which "
+            f"ONNX RNN cannot express; call model.eval() before torch.onnx.export"
+        )
+    input, hx, is_batched = _checked_batched(rnn, input, hx, lengths)
+    batch_dim = 0 if rnn.batch_first else 1
+    # ONNX RNN's sequence_lens is int32 [B]; every layer and direction reads the same one.
+    sequence_lens = None if lengths is None else lengths.to(torch.int32)
 
     x = input.transpose(0, 1) if rnn.batch_first else input
     num_directions = 2 if rnn.bidirectional else 1
@@ -127,7 +199,7 @@ def _rnn_through_onnx_op(rnn: nn.RNN, input: Tensor, hx: Optional[Tensor]) -> Tu
         y, h_last = torch.onnx.ops.symbolic_multi_out(
             "RNN",
             # X, W, R, B, sequence_lens, initial_h; None is an omitted optional input.
-            [x, weight, recurrence, bias, None, initial_h],
+            [x, weight, recurrence, bias, sequence_lens, initial_h],
             {
                 "activations": ["Relu" if rnn.nonlinearity == "relu" else "Tanh"] * num_directions,
                 "direction": "bidirectional" if rnn.bidirectional else "forward",

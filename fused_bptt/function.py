@@ -320,57 +320,32 @@ def rnn_layer(
     )
 
 
-def rnn_tanh(
-    x: Tensor,
-    h0: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Optional[Tensor] = None,
-    bias_hh: Optional[Tensor] = None,
-    *,
-    resets: Optional[Tensor] = None,
-    lengths: Optional[Tensor] = None,
-    backend: str = "auto",
-) -> Tuple[Tensor, Tensor]:
-    """h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh) over T steps; returns (y, h_n).
-    resets / lengths: see the module docstring."""
-    return rnn_layer(
-        x,
-        h0,
-        weight_ih,
-        weight_hh,
-        bias_ih,
-        bias_hh,
-        relu=False,
-        resets=resets,
-        lengths=lengths,
-        backend=backend,
+def _one_nonlinearity(name: str, relu: bool):
+    """rnn_tanh and rnn_relu: rnn_layer with the nonlinearity fixed."""
+
+    def layer(
+        x: Tensor,
+        h0: Tensor,
+        weight_ih: Tensor,
+        weight_hh: Tensor,
+        bias_ih: Optional[Tensor] = None,
+        bias_hh: Optional[Tensor] = None,
+        *,
+        resets: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
+        backend: str = "auto",
+    ) -> Tuple[Tensor, Tensor]:
+        args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
+        return rnn_layer(*args, relu=relu, resets=resets, lengths=lengths, backend=backend)
+
+    act = "relu" if relu else "tanh"
+    layer.__name__ = layer.__qualname__ = name
+    layer.__doc__ = (
+        f"h_t = {act}(x_t W_ih^T + b_ih + h_{{t-1}} W_hh^T + b_hh) over T steps; returns "
+        "(y, h_n).\n    resets / lengths: see the module docstring."
     )
+    return layer
 
 
-def rnn_relu(
-    x: Tensor,
-    h0: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Optional[Tensor] = None,
-    bias_hh: Optional[Tensor] = None,
-    *,
-    resets: Optional[Tensor] = None,
-    lengths: Optional[Tensor] = None,
-    backend: str = "auto",
-) -> Tuple[Tensor, Tensor]:
-    """h_t = relu(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh) over T steps; returns (y, h_n).
-    resets / lengths: see the module docstring."""
-    return rnn_layer(
-        x,
-        h0,
-        weight_ih,
-        weight_hh,
-        bias_ih,
-        bias_hh,
-        relu=True,
-        resets=resets,
-        lengths=lengths,
-        backend=backend,
-    )
+rnn_tanh = _one_nonlinearity("rnn_tanh", relu=False)
+rnn_relu = _one_nonlinearity("rnn_relu", relu=True)

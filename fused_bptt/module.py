@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ._checks import check_bool_layout
+from ._checks import check_bool_layout, check_boundaries
 from .export import onnx_export_active, onnx_forward
 from .function import check_backend_name, layer_forward, resolve_backend
 
@@ -32,7 +32,10 @@ class FusedRNN(nn.RNN):
     forward also takes a PackedSequence (as nn.RNN does: a PackedSequence comes back, h_n holds
     each sequence's last state) and, for tensor input, the keyword `resets`: a bool [T, B]
     ([B, T] with batch_first) that zeroes the state entering step t of sequence b in every layer
-    and direction (the reverse direction sees the same boundaries).
+    and direction (the reverse direction sees the same boundaries), and `lengths`: int64 [B] in
+    1..T, padded input whose sequence b ends after lengths[b] steps (what nn.RNN gives for
+    pack_padded_sequence(input, lengths, enforce_sorted=False), padded again to T; this form
+    also exports to ONNX with either exporter).
     """
 
     def __init__(
@@ -100,10 +103,14 @@ class FusedRNN(nn.RNN):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
-    # resets is positional-or-keyword, not keyword-only: the TorchScript ONNX exporter fills
-    # every parameter of forward positionally with its default.
+    # resets and lengths are positional-or-keyword, not keyword-only: the TorchScript ONNX
+    # exporter fills every parameter of forward positionally with its default.
     def forward(
-        self, input: Tensor, hx: Optional[Tensor] = None, resets: Optional[Tensor] = None
+        self,
+        input: Tensor,
+        hx: Optional[Tensor] = None,
+        resets: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         if onnx_export_active():  # torch.onnx.export: the graph is ONNX's RNN op (export.py)
             if resets is not None:
@@ -111,8 +118,13 @@ class FusedRNN(nn.RNN):
                     "ONNX export of FusedRNN does not take resets: ONNX's RNN op has no state "
                     "reset inside a sequence; export without resets"
                 )
-            return onnx_forward(self, input, hx)
+            return onnx_forward(self, input, hx, lengths)
         if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError(
+                    "FusedRNN: lengths applies to padded tensor input; a PackedSequence "
+                    "carries its own lengths (pass lengths=None)"
+                )
             if resets is not None:
                 raise ValueError(
                     "FusedRNN: resets applies to tensor input; a PackedSequence "
@@ -138,12 +150,14 @@ class FusedRNN(nn.RNN):
             input = input.transpose(0, 1)
         if input.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if lengths is not None:  # the range is read in eager mode only, as rnn_layer does
+            check_boundaries(input, None, lengths, values=not torch.compiler.is_compiling())
 
         if autocast:
             with torch.autocast(input.device.type, enabled=False):
-                output, h_n = self._run_layers(input, hx, weights, resets)
+                output, h_n = self._run_layers(input, hx, weights, resets, lengths)
         else:
-            output, h_n = self._run_layers(input, hx, weights, resets)
+            output, h_n = self._run_layers(input, hx, weights, resets, lengths)
 
         if self.batch_first:
             output = output.transpose(0, 1)
@@ -156,12 +170,24 @@ class FusedRNN(nn.RNN):
         """(input, hx, weights in nn.RNN's order, whether autocast is on). Under autocast, nn.RNN's
         policy (its op is on autocast's lower-precision list): floating tensors other than
         float64 run in the autocast dtype, and so does the output."""
-        weights = [getattr(self, name) for name in self._flat_weights_names]
+        weights = self._weights()
         autocast = torch.is_autocast_enabled(input.device.type)
         if autocast:
             low = torch.get_autocast_dtype(input.device.type)
             input, hx, *weights = [_autocast_cast(t, low) for t in (input, hx, *weights)]
         return input, hx, weights, autocast
+
+    def _weights(self) -> list:
+        """The weights in nn.RNN's order (_flat_weights_names), read where they live now: from
+        _parameters directly (a module attribute lookup per weight costs microseconds a call),
+        and through getattr for a name that is not a plain parameter there (a parametrization,
+        or a tensor put in its place)."""
+        params = self._parameters
+        weights = []
+        for name in self._flat_weights_names:
+            w = params.get(name)
+            weights.append(getattr(self, name) if w is None else w)
+        return weights
 
     def _zero_state(self, batch: int, like: Tensor) -> Tensor:
         """nn.RNN's default hx: zeros [num_layers * num_directions, batch, H]."""
@@ -202,6 +228,9 @@ class FusedRNN(nn.RNN):
         backend = resolve_backend(self.backend, x)
         per_layer = 4 if self.bias else 2
         reverse = _Reversal(x, resets, lengths) if num_directions == 2 else None
+        # Each layer's initial state as a view of hx: with one state, squeeze (whose backward is a
+        # view too) rather than hx[0] (whose backward allocates zeros like hx and copies in).
+        states = (hx.squeeze(0),) if hx.size(0) == 1 else hx.unbind(0)
         finals = []
         for layer in range(self.num_layers):
             outputs = []
@@ -211,23 +240,19 @@ class FusedRNN(nn.RNN):
                 bias_ih, bias_hh = (w[2], w[3]) if self.bias else (None, None)
                 # The reverse direction is the forward recurrence over the time-flipped input
                 # (each sequence flipped within its own length).
-                if direction == 0:
-                    y, h_last = layer_forward(
-                        backend, x, hx[index], w[0], w[1], bias_ih, bias_hh, relu, resets, lengths
-                    )
-                else:
-                    y, h_last = layer_forward(
-                        backend,
-                        reverse.flip(x),
-                        hx[index],
-                        w[0],
-                        w[1],
-                        bias_ih,
-                        bias_hh,
-                        relu,
-                        reverse.resets,
-                        lengths,
-                    )
+                flip = direction == 1
+                y, h_last = layer_forward(
+                    backend,
+                    reverse.flip(x) if flip else x,
+                    states[index],
+                    *w[:2],
+                    bias_ih,
+                    bias_hh,
+                    relu,
+                    reverse.resets if flip else resets,
+                    lengths,
+                )
+                if flip:
                     y = reverse.flip(y)
                 outputs.append(y)
                 finals.append(h_last)

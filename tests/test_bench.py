@@ -87,3 +87,36 @@ def test_cpu_bench_quick_run_bfloat16(tmp_path):
     assert {r["dtype"] for r in rows} == {"bfloat16"}
     summary = (tmp_path / "cpu_summary_bfloat16.txt").read_text()
     assert "FusedRNN float32 time / bfloat16 time" in summary
+
+
+def test_gpu_bench_imports_and_its_varlen_rows_run_on_the_cpu():
+    """bench_gpu.py cannot time anything here, but it imports, and its boundary rows (bench_cpu's
+    run_varlen with the GPU's device argument) build and run their shapes on the CPU."""
+    if "cpp" not in fused_bptt.available_backends():
+        pytest.skip("the varlen rows need the compiled CPU kernels")
+    bench_gpu = load_script("bench_gpu")
+    lines = bench_gpu.run_varlen(quick=True, rounds=1, warmup=0, device="cpu")
+    assert [line.split()[0] for line in lines] == ["resets", "packed"], lines
+    assert all("ratio" in line and "ms" in line for line in lines), lines
+
+
+def test_lm_boundaries_quick_run(tmp_path):
+    """The boundaries demo runs every variant, trains with and without boundaries, evaluates
+    each model both ways and writes its table, curves, summary and plot."""
+    pytest.importorskip("matplotlib")
+    rows = load_script("lm_boundaries").main(["--quick", "--out", str(tmp_path), *quick_backend()])
+    combos = {(r["variant"], r["trained"], r["evaluated"]) for r in rows}
+    assert combos == {
+        (v, t, e)
+        for v in ("alphabet", "unmarked", "text")
+        for t in ("with", "without")
+        for e in ("with", "without")
+    }
+    assert list(csv.DictReader((tmp_path / "lm_boundaries.csv").open())) == [
+        {k: str(v) for k, v in r.items()} for r in rows
+    ]
+    curves = list(csv.DictReader((tmp_path / "lm_boundaries_curves.csv").open()))
+    assert curves and all(math.isfinite(float(c["train_bpb"])) for c in curves)
+    assert any(c["eval_with_first"] and c["eval_without_first"] for c in curves)
+    assert "bpb_first8" in (tmp_path / "lm_boundaries.txt").read_text()
+    assert (tmp_path / "lm_boundaries.png").stat().st_size > 0

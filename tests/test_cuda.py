@@ -1,7 +1,8 @@
 """The CUDA kernels on a real GPU: against the float64 reference, against torch.nn.RNN (cuDNN, TF32
 off), both paths (persistent and per-step, forced through FUSED_BPTT_CUDA_PATH, and which one ran
 read off the profiler), shared memory above 48 KiB, the automatic fallback, grad_h_n, relu's NaN
-rule, determinism, a non-default stream, non-contiguous inputs.
+rule, determinism, a non-default stream, non-contiguous inputs; resets and lengths on both paths
+(the cases of tests/boundary_cases.py) and FusedRNN on a PackedSequence against cuDNN.
 
 Skipped where torch.cuda.is_available() is False. Where a GPU exists but fused_bptt._C was built
 without its CUDA ops, the tests fail: that build is broken for this machine.
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import fused_bptt
+from boundary_cases import BOUND_KINDS, compare_bounded, make_bounds
 from conftest import GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
 from fused_bptt import _ops, reference
 
@@ -257,3 +259,83 @@ def test_fused_rnn_cuda_matches_cudnn(nonlinearity, no_tf32):
         torch.testing.assert_close(
             g, r, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+# ---- Sequence boundaries: resets [T, B] and lengths [B] ---------------------------------------
+
+# T = 1; odd B and H; the batch split into groups; several row tiles (B = 130).
+BOUND_SHAPES = [(1, 3, 4, 5), (9, 33, 17, 65), (16, 8, 32, 256), (5, 130, 7, 300)]
+
+
+@pytest.mark.parametrize("kind", BOUND_KINDS)
+@pytest.mark.parametrize("shape", BOUND_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_boundaries_match_reference(shape, kind, dtype, path):
+    T, B, I, H = shape
+    inputs = make_layer_inputs(*shape, dtype, device="cuda", seed=T + B)
+    resets, lengths = make_bounds(kind, T, B, seed=B + H)
+    _, names = kernels_launched(
+        lambda: compare_bounded(
+            ops.rnn_forward, ops.rnn_backward, inputs, False, resets, lengths, f"{shape} {kind}"
+        )
+    )
+    assert_path(path, names)
+
+
+def test_cuda_boundaries_relu(path):
+    inputs = make_layer_inputs(9, 33, 17, 65, torch.float64, device="cuda")
+    resets, lengths = make_bounds("both", 9, 33, seed=3)
+    compare_bounded(ops.rnn_forward, ops.rnn_backward, inputs, True, resets, lengths, "relu")
+
+
+def test_cuda_lengths_on_the_cpu_are_refused():
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(3, 2, 2, 8, torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"lengths must be on cuda:0 \(the device of x\)"):
+        ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False, None, torch.tensor([3, 1]))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_fused_rnn_cuda_packed_matches_cudnn(bidirectional, no_tf32):
+    """FusedRNN(backend="cuda") on a PackedSequence (unsorted lengths) against cuDNN's nn.RNN on
+    the same one, float64: the output, h_n and every parameter gradient."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    T, B, I, H, layers = 12, 7, 5, 40, 2
+    cudnn = torch.nn.RNN(I, H, layers, bidirectional=bidirectional).cuda().double()
+    fused = fused_bptt.FusedRNN.from_rnn(cudnn, backend="cuda")
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.float64)
+    lengths = torch.tensor([12, 3, 7, 12, 1, 7, 9])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    (out_ref, hn_ref), (out, hn) = cudnn(packed), fused(packed)
+    assert_close(out.data, out_ref.data, name="output")
+    assert_close(hn, hn_ref, name="h_n")
+    grad = torch.randn_like(out.data)
+    grads_ref = torch.autograd.grad((out_ref.data * grad).sum() + hn_ref.sum(), cudnn.parameters())
+    grads = torch.autograd.grad((out.data * grad).sum() + hn.sum(), fused.parameters())
+    for (name, _), g, r in zip(cudnn.named_parameters(), grads, grads_ref):
+        assert_close(g, r, name=name)
+
+
+def test_fused_rnn_cuda_resets_match_a_per_step_loop():
+    """FusedRNN(backend="cuda") with resets against nn.RNN (cuDNN) one step at a time, zeroing the
+    state where a reset says so, float64."""
+    torch.manual_seed(0)
+    T, B, I, H = 10, 5, 4, 33
+    cudnn = torch.nn.RNN(I, H).cuda().double()
+    fused = fused_bptt.FusedRNN.from_rnn(cudnn, backend="cuda")
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.float64)
+    h0 = torch.randn(1, B, H, device="cuda", dtype=torch.float64)
+    resets = torch.rand(T, B, device="cuda") < 0.2
+    resets[0, 0] = True
+    out, hn = fused(x, h0, resets=resets)
+    h, ys = h0, []
+    for t in range(T):
+        y, h = cudnn(x[t : t + 1], h * (~resets[t]).view(1, B, 1))
+        ys.append(y)
+    out_ref, hn_ref = torch.cat(ys), h
+    assert_close(out, out_ref, name="output")
+    assert_close(hn, hn_ref, name="h_n")
+    grads = torch.autograd.grad(out.sum() + hn.sum(), fused.parameters())
+    grads_ref = torch.autograd.grad(out_ref.sum() + hn_ref.sum(), cudnn.parameters())
+    for (name, _), g, r in zip(cudnn.named_parameters(), grads, grads_ref):
+        assert_close(g, r, name=name)

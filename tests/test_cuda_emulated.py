@@ -24,6 +24,7 @@ import tempfile
 import pytest
 import torch
 
+from boundary_cases import BOUND_KINDS, compare_bounded, make_bounds
 from conftest import GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
 from fused_bptt import _ops, reference
 
@@ -291,6 +292,110 @@ def test_emulated_empty_batch(emu):
     assert not dw_ih.any() and not dw_hh.any() and not db.any()
 
 
+# ---- Sequence boundaries: resets [T, B] and lengths [B] (fused_bptt.h) -------------------------
+
+
+# The paths boundaries must run through: T = 1, several blocks, batch groups, staged row tiles
+# (prefetches inside block_matvec), and the per-step path forced, refused and not co-resident.
+BOUND_PATHS = [
+    "T1",
+    "short_last_slice",
+    "batch_groups",
+    "row_tiles",
+    "per_step_forced",
+    "refused",
+    "not_coresident",
+]
+
+
+def run_bounded(emu, case, kind, relu, dtype=torch.float64):
+    """The emulated ops with resets/lengths against the reference (boundary_cases); returns the
+    launch records of the forward and the backward."""
+    (T, B, I, H), dev, _ = CASES[case]
+    emu.set_device(*dev)
+    records = []
+
+    def recorded(op):
+        def run(*args):
+            out = op(*args)
+            records.append(list(emu.last_launch()))
+            return out
+
+        return run
+
+    inputs = make_layer_inputs(T, B, I, H, dtype, seed=T * 100 + H)
+    resets, lengths = make_bounds(kind, T, B, seed=B + H)
+    compare_bounded(
+        recorded(emu.rnn_forward),
+        recorded(emu.rnn_backward),
+        inputs,
+        relu,
+        resets,
+        lengths,
+        label=f"{case} {kind}",
+    )
+    return records
+
+
+@pytest.mark.parametrize("kind", BOUND_KINDS)
+@pytest.mark.parametrize("case", BOUND_PATHS)
+def test_emulated_boundaries_match_reference(emu, case, kind):
+    assert_path(case, run_bounded(emu, case, kind, relu=False))
+
+
+@pytest.mark.parametrize("case", ["short_last_slice", "batch_groups", "per_step_forced"])
+def test_emulated_boundaries_relu_and_float32(emu, case):
+    assert_path(case, run_bounded(emu, case, "both", relu=True))
+    assert_path(case, run_bounded(emu, case, "both", relu=False, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("path", ["persistent", "per_step"])
+def test_emulated_reset_drops_a_non_finite_state(emu, path):
+    """A reset state is a constant 0, as in the reference: an inf in h0 or y[t-1] of a reset row
+    reaches neither y nor any gradient (a multiply by 0 would make NaN)."""
+    emu.set_device(*device(4, path=path))
+    T, B, I, H = 3, 4, 3, 10
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, torch.float64)
+    h0[1, 2] = float("inf")
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    resets[0, 1] = True
+    y = emu.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False, resets, None)
+    assert torch.isfinite(y).all()
+    grads = emu.rnn_backward(torch.ones_like(y), x, h0, w_ih, w_hh, y, False, None, resets, None)
+    grads_ref = reference.rnn_backward(
+        torch.ones_like(y), x, h0, w_ih, w_hh, y, False, None, resets
+    )
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
+        # dW_hh left out: the reference's dz_rec^T h_prev (as the per-step path's GEMM) has
+        # 0 * inf = NaN where h0 holds the inf.
+        if name != "dW_hh":
+            assert torch.isfinite(got).all(), name
+            assert_close(got, want, name=name)
+
+
+def test_emulated_boundary_errors_read_as_on_the_cpu(emu):
+    """resets/lengths are validated by the checks the CPU op shares (csrc/checks.cpp): the same
+    message, word for word."""
+    emu.set_device(*device(4))
+    T, B = 3, 4
+    args = make_layer_inputs(T, B, 2, 5, torch.float64)
+    bad = {
+        "resets shape": (torch.zeros(T, B + 1, dtype=torch.bool), None),
+        "resets dtype": (torch.zeros(T, B), None),
+        "lengths shape": (None, torch.full((B, 1), T)),
+        "lengths dtype": (None, torch.full((B,), T, dtype=torch.int32)),
+        "lengths 0": (None, torch.tensor([T, 0, 1, 1])),
+        "lengths > T": (None, torch.tensor([T, T + 1, 1, 1])),
+    }
+    for what, (resets, lengths) in bad.items():
+        with pytest.raises(RuntimeError) as cpu:
+            torch.ops.fused_bptt.rnn_forward(*args, False, resets, lengths)
+        with pytest.raises(RuntimeError) as emulated:
+            emu.rnn_forward(*args, False, resets, lengths)
+        assert "resets" in str(cpu.value) or "lengths" in str(cpu.value), (what, cpu.value)
+        assert str(emulated.value).splitlines()[0] == str(cpu.value).splitlines()[0], what
+
+
 # ---- ThreadSanitizer on the kernels, without torch ------------------------------------------
 
 
@@ -343,7 +448,7 @@ def test_tsan_kernels_race_free_and_correct(tsan_binary):
     rc, out = run_tsan(tsan_binary, "rnn")
     assert "ThreadSanitizer" not in out, out
     assert rc == 0, f"kernels disagree with the naive loops (rc={rc}):\n{out}"
-    assert out.count("max |") == 12, out
+    assert out.count("max |") == 18, out
 
 
 def test_tsan_emulator_warp_ops_and_atomics(tsan_binary):

@@ -35,6 +35,8 @@ KERNELS = [
     "rnn_backward_persistent_kernelId",
     "rnn_backward_step_kernelIf",
     "rnn_backward_step_kernelId",
+    "rnn_forward_step_kernelIf",
+    "rnn_forward_step_kernelId",
 ]
 
 

@@ -29,10 +29,10 @@
 //       by MKL) followed by the same kernel with K = 0 as the fused elementwise pass.
 // - Backward runs the reverse loop producing dz [T, B, H], then every weight gradient and dx as a
 //   single GEMM over all T*B rows (dW_hh as two, because h0 is not stored next to y).
-// - Determinism: every output element is computed by one fixed sequence of operations; threads
-//   split rows (and db's columns), never a reduction, so results are the same bits run after run
-//   and, in the recurrence, for any thread count (the BLAS GEMMs may round differently across
-//   thread counts).
+// - Determinism: every output element is computed by one fixed sequence of operations; in the
+//   recurrence threads split rows, never a reduction, so results are the same bits run after run
+//   and, in the recurrence, for any thread count (the BLAS GEMMs and db's column sum may round
+//   differently across thread counts).
 // - bfloat16 and float16 run the same structure in rnn_cpu_lowp.cpp (float32 arithmetic inside).
 #include "cpu/rnn_cpu.h"
 
@@ -171,7 +171,9 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
                  dw_ih.data_ptr<scalar_t>(), I);
   gemm<scalar_t>(mode, false, false, T * B, I, H, 1, dzp, H, w_ih.data_ptr<scalar_t>(), I, 0,
                  dx.data_ptr<scalar_t>(), I);
-  column_sums(dzp, T * B, H, db.data_ptr<scalar_t>());
+  // db: ATen's column sum (vectorised for the CPU it runs on, cascade-summed for accuracy; the
+  // same bits for the same thread count, like the GEMMs).
+  at::sum_out(db, dz.view({T * B, H}), {0});
   // dh0 and dW_hh take dz through h_{t-1}, which is a constant 0 where the state was reset: zero
   // those rows of dz (dx, dW_ih and db have used them already).
   if (bounds.reset != nullptr) {

@@ -1,8 +1,7 @@
 // rnn_cpu.h: what the float32/float64 (rnn_cpu.cpp) and bfloat16/float16 (rnn_cpu_lowp.cpp)
 // implementations of the CPU ops share: the size thresholds of their paths, the row split, the
 // sequence boundaries (resets, lengths), the loops over time of both paths (step kernel, BLAS),
-// db's column sums, and the low-precision entry points that rnn_cpu.cpp dispatches to. Shapes and
-// math: rnn_cpu.cpp.
+// and the low-precision entry points that rnn_cpu.cpp dispatches to. Shapes and math: rnn_cpu.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -138,21 +137,6 @@ void blas_recurrence(const RnnShape& s, const Bounds& bounds, Out* out, const Ge
       });
     });
   }
-}
-
-// db [H] = the column sums of dz [rows, H]: each column summed in row order and in double by one
-// thread (threads split the columns, never a sum: the same bits for any thread count), rounded
-// once to Out.
-template <typename In, typename Out>
-void column_sums(const In* dz, int64_t rows, int64_t H, Out* db) {
-  at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
-    std::vector<double> acc(j1 - j0, 0.0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const In* row = dz + r * H;
-      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += row[j];
-    }
-    for (int64_t j = j0; j < j1; ++j) db[j] = static_cast<Out>(acc[j - j0]);
-  });
 }
 
 // The ops for S = c10::BFloat16 or c10::Half (rnn_cpu_lowp.cpp). Arguments checked, contiguous

@@ -213,7 +213,16 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   at::Tensor f_dwih = float_buffer(H, I, x), f_dx = float_buffer(T * B, I, x);
   gemms(true, false, H, I, T * B, dzo, 0, xo, 0, 0, f_dwih.data_ptr<float>(), I);
   gemms(false, false, T * B, I, H, dzo, 0, wih, 0, 0, f_dx.data_ptr<float>(), I);
-  column_sums(dzp, T * B, H, db.data_ptr<S>());  // float32 dz, summed in float64
+  // db: column sums of dz in a fixed row order (threads split columns), accumulated in float64.
+  S* dbp = db.data_ptr<S>();
+  at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
+    std::vector<double> acc(j1 - j0, 0.0);
+    for (int64_t r = 0; r < T * B; ++r) {
+      const float* row = dzp + r * H;
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += row[j];
+    }
+    for (int64_t j = j0; j < j1; ++j) dbp[j] = static_cast<S>(static_cast<float>(acc[j - j0]));
+  });
   // dh0 and dW_hh take dz through h_{t-1}, a constant 0 where the state was reset: zero those
   // rows of dz (and of its S copy), which dx, dW_ih and db have used already.
   if (bounds.reset != nullptr) {

@@ -145,10 +145,9 @@ at::Tensor rnn_forward_cuda(const at::Tensor& x, const at::Tensor& h0, const at:
                             const std::optional<at::Tensor>& bias_hh, bool relu,
                             const std::optional<at::Tensor>& resets,
                             const std::optional<at::Tensor>& lengths) {
-  reject_boundaries(resets, lengths);
   const c10::cuda::CUDAGuard guard(x.device());
   return cuda_impl::rnn_forward_impl(current_device(x), x, h0, weight_ih, weight_hh, bias_ih,
-                                     bias_hh, relu);
+                                     bias_hh, relu, resets, lengths);
 }
 
 RnnGrads rnn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
@@ -157,10 +156,9 @@ RnnGrads rnn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const 
                            const std::optional<at::Tensor>& grad_h_n,
                            const std::optional<at::Tensor>& resets,
                            const std::optional<at::Tensor>& lengths) {
-  reject_boundaries(resets, lengths);
   const c10::cuda::CUDAGuard guard(x.device());
   return cuda_impl::rnn_backward_impl(current_device(x), grad_y, x, h0, weight_ih, weight_hh, y,
-                                      relu, grad_h_n);
+                                      relu, grad_h_n, resets, lengths);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 //   y  [T, B, H]   on entry to the forward kernel y_t holds x_t W_ih^T + b_ih + b_hh (one GEMM)
 //   W  [H, H]      weight_hh
 //   dz [T, B, H]   workspace the backward kernel fills, for the dW_ih and dx GEMMs afterwards
+//   resets [T, B] bool, lengths [B] int64   optional sequence boundaries (SeqBounds)
 //
 // The persistent kernels run all T steps in one cooperative launch on a grid of
 // `slices` x `groups` blocks. The H hidden units are cut into slices of J consecutive units (J a
@@ -79,6 +80,48 @@ __device__ __forceinline__ scalar_t backward_gate(scalar_t g, scalar_t y, bool r
   return g * (scalar_t(1) - y * y);
 }
 
+// Sequence boundaries (fused_bptt.h), device pointers, nullptr when absent. Every kernel decides
+// per row and step what a step does (RowStep) and selects rather than multiplies: a reset row's
+// product with a non-finite state is dropped, as the reference's constant 0 state drops it.
+//   resets  [T, B]: the state entering step t of row b is zero
+//   lengths [B]:    row b ends after lengths[b] steps; later steps output 0, dz 0
+// Neither needs a [T, B, H] buffer: a row's kind is read from these two small arrays.
+struct SeqBounds {
+  const bool* resets;
+  const int64_t* lengths;
+};
+
+// What step t does with row b. Forward: kCarry adds h_{t-1} W^T, kFresh (a reset) does not,
+// kPadded outputs 0. Backward: kCarry adds dz_{t+1} W, kFresh does not (step t+1 is reset), kLast
+// does not either and adds grad_h_n (the row's last step), kPadded is 0.
+enum RowStep { kCarry, kFresh, kLast, kPadded };
+
+__device__ __forceinline__ bool reset_at(const SeqBounds& sb, int t, int b, int B) {
+  return sb.resets != nullptr && sb.resets[static_cast<int64_t>(t) * B + b];
+}
+__device__ __forceinline__ int length_of(const SeqBounds& sb, int b, int T) {
+  return sb.lengths != nullptr ? static_cast<int>(sb.lengths[b]) : T;
+}
+__device__ __forceinline__ RowStep forward_row_step(const SeqBounds& sb, int t, int b, int B,
+                                                    int T) {
+  if (t >= length_of(sb, b, T)) return kPadded;
+  return reset_at(sb, t, b, B) ? kFresh : kCarry;
+}
+__device__ __forceinline__ RowStep backward_row_step(const SeqBounds& sb, int t, int b, int B,
+                                                     int T) {
+  const int len = length_of(sb, b, T);
+  if (t >= len) return kPadded;
+  if (t == len - 1) return kLast;
+  return reset_at(sb, t + 1, b, B) ? kFresh : kCarry;
+}
+
+// Per-output flags of a lane, one bit per output k (k is a compile-time index after unrolling,
+// so these stay in one register each).
+__device__ __forceinline__ void set_flag(unsigned& flags, int k, bool on) {
+  flags = (flags & ~(1u << k)) | (static_cast<unsigned>(on) << k);
+}
+__device__ __forceinline__ bool flag(unsigned flags, int k) { return (flags >> k) & 1u; }
+
 // The block's part of the problem: units [j0, j0 + nj), batch rows [b0, b0 + nb).
 struct BlockPart {
   int j0, nj, b0, nb, group_index;
@@ -91,20 +134,28 @@ __device__ __forceinline__ BlockPart block_part(const PersistentParams& p) {
                    g};
 }
 
-// Forward step t for one block: y_t[b, j] = act(projection + h_{t-1} W^T). b is relative to the
-// block's first row.
+// Forward step t for one block: y_t[b, j] = act(projection + h_{t-1} W^T), without the product
+// where row b is reset at t, and 0 past the row's length. b is relative to the block's first row.
 template <typename scalar_t>
 struct ForwardStep {
   scalar_t* y_t;
-  int H, j0, b0;
+  SeqBounds sb;
+  int t, T, B, H, j0, b0;
   bool relu;
   scalar_t pre[kOut];  // the projection of this lane's outputs, loaded ahead
+  unsigned fresh, padded;  // per output: no h_{t-1} W^T / outputs 0
   __device__ __forceinline__ int64_t index(int b, int c) const {
     return static_cast<int64_t>(b0 + b) * H + j0 + c;
   }
-  __device__ __forceinline__ void prefetch(int k, int b, int c) { pre[k] = y_t[index(b, c)]; }
+  __device__ __forceinline__ void prefetch(int k, int b, int c) {
+    const RowStep kind = forward_row_step(sb, t, b0 + b, B, T);
+    set_flag(fresh, k, kind == kFresh);
+    set_flag(padded, k, kind == kPadded);
+    pre[k] = y_t[index(b, c)];
+  }
   __device__ __forceinline__ void finish(int k, int b, int c, scalar_t acc) {
-    y_t[index(b, c)] = activation(pre[k] + acc, relu);
+    y_t[index(b, c)] =
+        flag(padded, k) ? scalar_t(0) : activation(flag(fresh, k) ? pre[k] : pre[k] + acc, relu);
   }
 };
 
@@ -113,12 +164,13 @@ struct ForwardStep {
 //   Block (s, g) owns units j in [s*J, s*J + nj) and rows of group g: shared w[r][jj] =
 //   W[s*J + jj][r], loaded once (layout: smem_layout).
 //   Step t: y_t[b, j] = act(y_t[b, j] + sum_r h_{t-1}[b, r] W[j, r]), with h_{t-1} = y_{t-1} (h0
-//   at t = 0) written by the group's blocks at step t-1. Between steps one grid barrier, split:
-//   arrive once y_t is written, load step t+1's projection, then wait.
+//   at t = 0) written by the group's blocks at step t-1; the sum is left out where row b is reset
+//   at t, and y_t[b] = 0 from t = lengths[b] on (sb, ForwardStep). Between steps one grid
+//   barrier, split: arrive once y_t is written, load step t+1's projection, then wait.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     rnn_forward_persistent_kernel(const scalar_t* __restrict__ h0,
-                                  const scalar_t* __restrict__ w_hh, scalar_t* y,
+                                  const scalar_t* __restrict__ w_hh, scalar_t* y, SeqBounds sb,
                                   PersistentParams p) {
   FB_DYNAMIC_SHARED(scalar_t, smem);
   const SmemLayout layout = smem_layout(false, p.rows, p.H, p.J, p.b_tile);
@@ -129,10 +181,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   load_w_slice(w_hh, w, p.H, p.J, part.j0, part.nj, true);
   const int64_t step = static_cast<int64_t>(p.B) * p.H;
   const int64_t rows_at = static_cast<int64_t>(part.b0) * p.H;  // the block's first row
-  ForwardStep<scalar_t> fs{y, p.H, part.j0, part.b0, p.relu, {}};
+  ForwardStep<scalar_t> fs{y, sb, 0, p.T, p.B, p.H, part.j0, part.b0, p.relu, {}, 0u, 0u};
   fb::GridToken token{};
   for (int t = 0; t < p.T; ++t) {
     fs.y_t = y + t * step;
+    fs.t = t;
     prefetch_first_tile(fs, part.nb, part.nj, p.b_tile, p.group);
     if (t > 0) fb::grid_wait(token);
     const scalar_t* h_prev = (t == 0 ? h0 : y + (t - 1) * step) + rows_at;
@@ -141,52 +194,65 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   }
 }
 
-// Backward step t for one block: dz_t = (grad_y_t [+ grad_h_n at T-1] + dz_{t+1} W) * act'.
+// Backward step t for one block: dz_t = (grad_y_t [+ grad_h_n at the row's last step]
+// [+ dz_{t+1} W unless that is the last step or step t+1 is reset]) * act', 0 past the row's end.
 template <typename scalar_t>
 struct BackwardStep {
   const scalar_t* grad_y_t;
-  const scalar_t* grad_h_n;  // [B, H] at t = T-1, else nullptr
+  const scalar_t* grad_h_n;  // [B, H] or nullptr
   const scalar_t* y_t;
   scalar_t* dz_t;
   scalar_t* dz_own;  // shared [rows][J]
-  int H, J, j0, b0;
+  SeqBounds sb;
+  int t, T, B, H, J, j0, b0;
   bool relu;
   scalar_t pre_g[kOut], pre_y[kOut];  // incoming gradient and y of this lane's outputs
+  unsigned no_carry, padded;          // per output: no dz_{t+1} W / dz is 0
   __device__ __forceinline__ int64_t index(int b, int c) const {
     return static_cast<int64_t>(b0 + b) * H + j0 + c;
   }
   __device__ __forceinline__ void prefetch(int k, int b, int c) {
     const int64_t i = index(b, c);
-    pre_g[k] = grad_h_n != nullptr ? grad_y_t[i] + grad_h_n[i] : grad_y_t[i];
+    const RowStep kind = backward_row_step(sb, t, b0 + b, B, T);
+    set_flag(no_carry, k, kind != kCarry);
+    set_flag(padded, k, kind == kPadded);
+    pre_g[k] = grad_h_n != nullptr && kind == kLast ? grad_y_t[i] + grad_h_n[i] : grad_y_t[i];
     pre_y[k] = y_t[i];
   }
   __device__ __forceinline__ void finish(int k, int b, int c, scalar_t carry) {
-    const scalar_t g = backward_gate(pre_g[k] + carry, pre_y[k], relu);
+    const scalar_t g =
+        flag(padded, k)
+            ? scalar_t(0)
+            : backward_gate(flag(no_carry, k) ? pre_g[k] : pre_g[k] + carry, pre_y[k], relu);
     dz_t[index(b, c)] = g;
     dz_own[b * J + c] = g;
   }
 };
 
-// dh0 = dz_0 W for the block's units and rows.
+// dh0 = dz_0 W for the block's units and rows; 0 for a row reset at t = 0 (h0 never reaches it).
 template <typename scalar_t>
 struct Dh0Step {
   scalar_t* dh0;
-  int H, j0, b0;
+  SeqBounds sb;
+  int B, H, j0, b0;
   __device__ __forceinline__ void prefetch(int, int, int) {}
   __device__ __forceinline__ void finish(int, int b, int c, scalar_t acc) {
-    dh0[static_cast<int64_t>(b0 + b) * H + j0 + c] = acc;
+    dh0[static_cast<int64_t>(b0 + b) * H + j0 + c] =
+        reset_at(sb, 0, b0 + b, B) ? scalar_t(0) : acc;
   }
 };
 
 // dw[c][r] += sum_b dz_own[b][c] h_prev[b, r] and db[c] += sum_b dz_own[b][c] for the block's
-// nc units and nb rows; h_prev [nb, H] is an input (y_{t-1} or h0). Thread (tile, r) adds kTile
-// rows of dw at column r: consecutive threads read consecutive r (coalesced), the dz tile is a
-// shared broadcast; the b loop is unrolled so several loads of h_prev are in flight.
+// nc units and nb rows; h_prev [nb, H] is an input (y_{t-1} or h0). Rows b with reset[b] (the
+// step's resets of these rows, or nullptr) read a constant 0 state: they add to db only.
+// Thread (tile, r) adds kTile rows of dw at column r: consecutive threads read consecutive r
+// (coalesced), the dz tile is a shared broadcast; the b loop is unrolled so several loads of
+// h_prev are in flight.
 template <typename scalar_t>
 __device__ __forceinline__ void accumulate_weight_grads(const scalar_t* __restrict__ h_prev,
                                                         const scalar_t* dz_own, scalar_t* dw,
-                                                        scalar_t* db, int H, int J, int nc,
-                                                        int nb) {
+                                                        scalar_t* db, const bool* reset,
+                                                        int H, int J, int nc, int nb) {
   const int n_tiles = (nc + kTile - 1) / kTile, n = n_tiles * H;
   const int step = static_cast<int>(blockDim.x);
   RowCursor at(static_cast<int>(threadIdx.x), step, H);
@@ -195,7 +261,8 @@ __device__ __forceinline__ void accumulate_weight_grads(const scalar_t* __restri
     scalar_t acc[kTile] = {};
 #pragma unroll 4
     for (int b = 0; b < nb; ++b) {
-      const scalar_t x = h_prev[static_cast<int64_t>(b) * H + r];
+      const scalar_t x =
+          reset != nullptr && reset[b] ? scalar_t(0) : h_prev[static_cast<int64_t>(b) * H + r];
       const Tile<scalar_t> g = fb::load_as<Tile<scalar_t>>(dz_own + b * J + tile * kTile);
 #pragma unroll
       for (int k = 0; k < kTile; ++k) acc[k] += g.v[k] * x;
@@ -225,11 +292,15 @@ __device__ __forceinline__ void accumulate_weight_grads(const scalar_t* __restri
 //   Step t = T-1 .. 0:
 //     dz_t[b, k] = (grad_y_t[b, k] [+ grad_h_n[b, k] at T-1] + sum_j dz_{t+1}[b, j] W[j, k])
 //                  * act'(y_t[b, k])   (no sum at T-1)
+//     with boundaries (sb): grad_h_n joins at the row's last step lengths[b]-1, which takes no
+//     sum, nor does a step t whose row is reset at t+1; dz_t[b] = 0 from t = lengths[b] on
 //     __syncthreads (the block's dz_t complete in shared memory); grid barrier arrive (dz_t
 //     published)
-//     dw[k - k0][:] += sum_b dz_t[b, k] h_{t-1}[b, :],  db[k - k0] += sum_b dz_t[b, k], while the
-//     other blocks arrive; grid barrier wait before step t-1 reads dz_t
-//   Then dh0[b, k] = sum_j dz_0[b, j] W[j, k] and the dw / db slices are written out.
+//     dw[k - k0][:] += sum_b dz_t[b, k] h_{t-1}[b, :] over the rows not reset at t,
+//     db[k - k0] += sum_b dz_t[b, k], while the other blocks arrive; grid barrier wait before
+//     step t-1 reads dz_t
+//   Then dh0[b, k] = sum_j dz_0[b, j] W[j, k] (0 where row b is reset at 0) and the dw / db
+//   slices are written out.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     rnn_backward_persistent_kernel(const scalar_t* __restrict__ grad_y,
@@ -238,7 +309,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
                                    const scalar_t* __restrict__ w_hh,
                                    const scalar_t* __restrict__ y, scalar_t* dz,
                                    scalar_t* __restrict__ dh0, scalar_t* __restrict__ dw_out,
-                                   scalar_t* __restrict__ db_out, PersistentParams p) {
+                                   scalar_t* __restrict__ db_out, SeqBounds sb,
+                                   PersistentParams p) {
   FB_DYNAMIC_SHARED(scalar_t, smem);
   const SmemLayout layout = smem_layout(true, p.rows, p.H, p.J, p.b_tile);
   scalar_t* const w = smem;
@@ -253,13 +325,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   for (int64_t e = threadIdx.x; e < layout.stage - layout.dw; e += blockDim.x) dw[e] = 0;
   const int64_t step = static_cast<int64_t>(p.B) * p.H;
   const int64_t rows_at = static_cast<int64_t>(part.b0) * p.H;  // the block's first row
-  BackwardStep<scalar_t> bs{grad_y, nullptr, y, dz, dz_own, p.H, p.J, part.j0, part.b0, p.relu,
-                            {}, {}};
+  BackwardStep<scalar_t> bs{grad_y, grad_h_n, y, dz, dz_own, sb, 0, p.T, p.B,
+                            p.H, p.J, part.j0, part.b0, p.relu, {}, {}, 0u, 0u};
+  // The resets of the block's rows at step t, for the weight gradient (nullptr without resets).
+  const bool* const resets_at = sb.resets != nullptr ? sb.resets + part.b0 : nullptr;
   fb::GridToken token{};
   for (int t = p.T - 1; t >= 0; --t) {
     const int64_t at_t = t * step;
+    bs.t = t;
     bs.grad_y_t = grad_y + at_t;
-    bs.grad_h_n = t == p.T - 1 ? grad_h_n : nullptr;
     bs.y_t = y + at_t;
     bs.dz_t = dz + at_t;
     prefetch_first_tile(bs, part.nb, part.nj, p.b_tile, p.group);
@@ -271,10 +345,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     __syncthreads();
     token = fb::grid_arrive();
     const scalar_t* h_prev = (t == 0 ? h0 : y + at_t - step) + rows_at;
-    accumulate_weight_grads(h_prev, dz_own, dw, db, p.H, p.J, part.nj, part.nb);
+    accumulate_weight_grads(h_prev, dz_own, dw, db,
+                            resets_at != nullptr ? resets_at + static_cast<int64_t>(t) * p.B
+                                                 : nullptr,
+                            p.H, p.J, part.nj, part.nb);
   }
   fb::grid_wait(token);
-  Dh0Step<scalar_t> ds{dh0, p.H, part.j0, part.b0};
+  Dh0Step<scalar_t> ds{dh0, sb, p.B, p.H, part.j0, part.b0};
   block_matvec(dz + rows_at, p.H, w, w_stride, stage, p.b_tile, part.nb, part.nj, p.group, ds);
   scalar_t* const dw_group = dw_out + static_cast<int64_t>(part.group_index) * p.H * p.H;
   for (int e = threadIdx.x; e < part.nj * p.H; e += blockDim.x)
@@ -283,22 +360,43 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     db_out[static_cast<int64_t>(part.group_index) * p.H + part.j0 + c] = db[c];
 }
 
-// One step of the per-step (fallback) backward, elementwise over n = B*H entries:
-//   dz_t = (grad_y_t [+ grad_h_n] [+ carry]) * act'(y_t), carry = dz_{t+1} W_hh from a GEMM;
-//   grad_h_n only at t = T-1 and carry only below it (nullptr otherwise).
+// The per-step (fallback) path, elementwise over the n = B*H entries of one step, i = b*H + j.
+// Forward step t: y_t = act(y_t + carry), carry = h_{t-1} W_hh^T from a GEMM; without carry where
+// row b is reset at t, 0 past its length (forward_row_step).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    rnn_forward_step_kernel(const scalar_t* __restrict__ carry, scalar_t* __restrict__ y_t,
+                            SeqBounds sb, int t, int T, int B, int H, bool relu) {
+  const int64_t n = static_cast<int64_t>(B) * H;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const RowStep kind = forward_row_step(sb, t, static_cast<int>(i / H), B, T);
+    y_t[i] = kind == kPadded ? scalar_t(0)
+                             : activation(kind == kFresh ? y_t[i] : y_t[i] + carry[i], relu);
+  }
+}
+
+// Backward step t: dz_t = (grad_y_t [+ grad_h_n at the row's last step] [+ carry]) * act'(y_t),
+// carry = dz_{t+1} W_hh from a GEMM (nullptr at t = T-1), left out at the row's last step and
+// where the row is reset at t+1; 0 past the row's length (backward_row_step). grad_h_n [B, H] or
+// nullptr.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
     rnn_backward_step_kernel(const scalar_t* __restrict__ grad_y_t,
                              const scalar_t* __restrict__ grad_h_n,
                              const scalar_t* __restrict__ carry, const scalar_t* __restrict__ y_t,
-                             scalar_t* __restrict__ dz_t, int64_t n, bool relu) {
+                             scalar_t* __restrict__ dz_t, SeqBounds sb, int t, int T, int B, int H,
+                             bool relu) {
+  const int64_t n = static_cast<int64_t>(B) * H;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
+    const RowStep kind = backward_row_step(sb, t, static_cast<int>(i / H), B, T);
     scalar_t g = grad_y_t[i];
-    if (grad_h_n != nullptr) g += grad_h_n[i];
-    if (carry != nullptr) g += carry[i];
-    dz_t[i] = backward_gate(g, y_t[i], relu);
+    if (grad_h_n != nullptr && kind == kLast) g += grad_h_n[i];
+    if (carry != nullptr && kind == kCarry) g += carry[i];
+    dz_t[i] = kind == kPadded ? scalar_t(0) : backward_gate(g, y_t[i], relu);
   }
 }
 

@@ -14,6 +14,10 @@
 // backward, its dW_hh slice) fits in shared memory, every block can be resident at once and the
 // device accepts the cooperative launch; otherwise one ATen GEMM plus one pointwise step per time
 // step (always correct, slower).
+//
+// Boundaries (resets [T, B] bool, lengths [B] int64; fused_bptt.h) are checked by the shared
+// check_boundaries and handed to every kernel as two device pointers (kernels::SeqBounds): the
+// kernels pick per row and step what it does. No [T, B, H] buffer and no host work per step.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -124,13 +128,39 @@ inline void on_cooperative_launch_refused(const DeviceConfig& cfg, int grid) {
                   " blocks (MPS or green-context limits?); taking the slower per-step CUDA path");
 }
 
+// resets and lengths, checked and made contiguous; `bounds()` their device pointers for the
+// kernels (nullptr where absent). Kept alive by the caller for as long as the kernels run.
+struct Boundaries {
+  at::Tensor resets, lengths;
+
+  Boundaries(const at::Tensor& x, const std::optional<at::Tensor>& resets_in,
+             const std::optional<at::Tensor>& lengths_in) {
+    check_boundaries(x, resets_in, lengths_in);
+    if (resets_in.has_value()) resets = resets_in->contiguous();
+    if (lengths_in.has_value()) lengths = lengths_in->contiguous();
+  }
+  kernels::SeqBounds bounds() const {
+    return {resets.defined() ? resets.const_data_ptr<bool>() : nullptr,
+            lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr};
+  }
+};
+
+// Blocks for an elementwise kernel over n entries: enough to cover them, at most 4 per SM.
+inline int elementwise_blocks(int64_t n, const DeviceConfig& cfg) {
+  return static_cast<int>(std::min<int64_t>((n + cfg.threads - 1) / cfg.threads, 4 * cfg.num_sms));
+}
+
 // y [T, B, H] (see fused_bptt.h).
 template <class Dev>
 at::Tensor rnn_forward_impl(const Dev& dev, const at::Tensor& x_in, const at::Tensor& h0_in,
                             const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
                             const std::optional<at::Tensor>& bias_ih,
-                            const std::optional<at::Tensor>& bias_hh, bool relu) {
+                            const std::optional<at::Tensor>& bias_hh, bool relu,
+                            const std::optional<at::Tensor>& resets,
+                            const std::optional<at::Tensor>& lengths) {
   const RnnShape s = check_forward_inputs(x_in, h0_in, w_ih_in, w_hh_in, bias_ih, bias_hh);
+  const Boundaries bounds(x_in, resets, lengths);
+  const kernels::SeqBounds sb = bounds.bounds();
   const at::Tensor x = x_in.contiguous(), h0 = h0_in.contiguous();
   const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   at::Tensor y = at::empty({s.T, s.B, s.H}, x.options());
@@ -158,31 +188,40 @@ at::Tensor rnn_forward_impl(const Dev& dev, const at::Tensor& x_in, const at::Te
       // A refused launch runs nothing: y still holds the projection the per-step path needs.
       if (dev.launch_cooperative(kernel, plan.grid, cfg.threads, plan.smem,
                                  h0.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(),
-                                 y.mutable_data_ptr<scalar_t>(), plan.params))
+                                 y.mutable_data_ptr<scalar_t>(), sb, plan.params))
         return;
       on_cooperative_launch_refused(cfg, plan.grid);
     }
-    // Per step: y_t += h_{t-1} W_hh^T (a GEMM), then the activation in place.
+    // Per step: carry = h_{t-1} W_hh^T (a GEMM), then y_t = act(y_t + carry) in place, with the
+    // rows' boundaries (rnn_forward_step_kernel).
     const at::Tensor w_hh_t = w_hh.t();
+    at::Tensor carry = at::empty({s.B, s.H}, x.options());
+    const int blocks = elementwise_blocks(s.B * s.H, cfg);
     for (int64_t t = 0; t < s.T; ++t) {
-      at::Tensor y_t = y[t];
-      y_t.addmm_(t == 0 ? h0 : y[t - 1], w_hh_t);
-      relu ? y_t.relu_() : y_t.tanh_();
+      at::mm_out(carry, t == 0 ? h0 : y[t - 1], w_hh_t);
+      dev.launch(&kernels::rnn_forward_step_kernel<scalar_t>, blocks, cfg.threads, 0,
+                 carry.const_data_ptr<scalar_t>(), y[t].mutable_data_ptr<scalar_t>(), sb,
+                 static_cast<int>(t), static_cast<int>(s.T), static_cast<int>(s.B),
+                 static_cast<int>(s.H), relu);
     }
   });
   return y;
 }
 
-// (dx, dh0, dW_ih, dW_hh, db) from grad_y (+ grad_h_n at step T-1) and the saved y (see
-// fused_bptt.h). grad_h_n is added inside the kernels where they read grad_y[T-1]: no copy of
-// grad_y is made.
+// (dx, dh0, dW_ih, dW_hh, db) from grad_y (+ grad_h_n at each row's last step) and the saved y
+// (see fused_bptt.h). grad_h_n is added inside the kernels where they read grad_y at that step:
+// no copy of grad_y is made.
 template <class Dev>
 RnnGrads rnn_backward_impl(const Dev& dev, const at::Tensor& grad_y_in, const at::Tensor& x_in,
                            const at::Tensor& h0_in, const at::Tensor& w_ih_in,
                            const at::Tensor& w_hh_in, const at::Tensor& y_in, bool relu,
-                           const std::optional<at::Tensor>& grad_h_n_in) {
+                           const std::optional<at::Tensor>& grad_h_n_in,
+                           const std::optional<at::Tensor>& resets,
+                           const std::optional<at::Tensor>& lengths) {
   const RnnShape s =
       check_backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in, grad_h_n_in);
+  const Boundaries bounds(x_in, resets, lengths);
+  const kernels::SeqBounds sb = bounds.bounds();
   const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), h0 = h0_in.contiguous();
   const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), y = y_in.contiguous();
   const at::Tensor grad_h_n = grad_h_n_in.has_value() ? grad_h_n_in->contiguous() : at::Tensor();
@@ -194,7 +233,14 @@ RnnGrads rnn_backward_impl(const Dev& dev, const at::Tensor& grad_y_in, const at
   at::Tensor dh0 = at::empty({s.B, s.H}, x.options());
   at::Tensor dw_hh = at::empty({s.H, s.H}, x.options());
   at::Tensor db = at::empty({s.H}, x.options());
+  at::Tensor dx, dw_ih;
   const at::Tensor dz2 = dz.view({s.T * s.B, s.H});
+  // dW_ih and dx: GEMMs over all T*B rows of the full dz (reset rows included: a reset cuts only
+  // the path through h_{t-1}).
+  const auto input_grads = [&] {
+    dw_ih = at::mm(dz2.t(), x.view({s.T * s.B, s.I}));
+    dx = at::mm(dz2, w_ih).view({s.T, s.B, s.I});
+  };
 
   const DeviceConfig cfg = dev.config();
   check_config(cfg);
@@ -215,37 +261,44 @@ RnnGrads rnn_backward_impl(const Dev& dev, const at::Tensor& grad_y_in, const at
               h0.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(),
               y.const_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(),
               dh0.mutable_data_ptr<scalar_t>(), dw_part.mutable_data_ptr<scalar_t>(),
-              db_part.mutable_data_ptr<scalar_t>(), plan.params)) {
+              db_part.mutable_data_ptr<scalar_t>(), sb, plan.params)) {
         if (groups > 1) {
           at::sum_out(dw_hh, dw_part, {0});
           at::sum_out(db, db_part, {0});
         }
+        input_grads();
         return;
       }
       on_cooperative_launch_refused(cfg, plan.grid);
     }
     // Per step: carry = dz_{t+1} W_hh (a GEMM), then dz_t = (grad_y_t + carry) * act'(y_t), with
-    // grad_h_n joining grad_y at t = T-1.
-    const int64_t n = s.B * s.H;
-    const int blocks = static_cast<int>(
-        std::min<int64_t>((n + cfg.threads - 1) / cfg.threads, 4 * cfg.num_sms));
+    // grad_h_n at each row's last step and the rows' boundaries (rnn_backward_step_kernel).
+    const int blocks = elementwise_blocks(s.B * s.H, cfg);
     at::Tensor carry = at::empty({s.B, s.H}, x.options());
     for (int64_t t = s.T - 1; t >= 0; --t) {
       const bool last = t == s.T - 1;
       if (!last) at::mm_out(carry, dz[t + 1], w_hh);
       dev.launch(&kernels::rnn_backward_step_kernel<scalar_t>, blocks, cfg.threads, 0,
-                 grad_y[t].const_data_ptr<scalar_t>(), last ? ghn : nullptr,
+                 grad_y[t].const_data_ptr<scalar_t>(), ghn,
                  last ? nullptr : carry.const_data_ptr<scalar_t>(),
-                 y[t].const_data_ptr<scalar_t>(), dz[t].mutable_data_ptr<scalar_t>(), n, relu);
+                 y[t].const_data_ptr<scalar_t>(), dz[t].mutable_data_ptr<scalar_t>(), sb,
+                 static_cast<int>(t), static_cast<int>(s.T), static_cast<int>(s.B),
+                 static_cast<int>(s.H), relu);
     }
-    at::mm_out(dh0, dz[0], w_hh);
-    const at::Tensor h_prev =
-        at::cat({h0.unsqueeze(0), y.narrow(0, 0, s.T - 1)}).view({s.T * s.B, s.H});
-    at::mm_out(dw_hh, dz2.t(), h_prev);
     at::sum_out(db, dz2, {0});
+    input_grads();
+    // dh0 and dW_hh take dz through h_{t-1}, a constant 0 where the state was reset: zero those
+    // rows of dz in place (db, dW_ih and dx have used them), no [T, B, H] mask.
+    if (bounds.resets.defined()) dz.masked_fill_(bounds.resets.unsqueeze(-1), 0);
+    at::mm_out(dh0, dz[0], w_hh);
+    // dW_hh = dz^T [h0; y[:-1]] as two GEMMs: h0 is not stored next to y, and a concatenation
+    // would be a [T, B, H] copy.
+    at::mm_out(dw_hh, dz[0].t(), h0);
+    const int64_t rest = (s.T - 1) * s.B;  // the rows of steps 1..T-1
+    if (rest > 0) {
+      dw_hh.addmm_(dz2.narrow(0, s.B, rest).t(), y.view({s.T * s.B, s.H}).narrow(0, 0, rest));
+    }
   });
-  const at::Tensor dw_ih = at::mm(dz2.t(), x.view({s.T * s.B, s.I}));
-  const at::Tensor dx = at::mm(dz2, w_ih).view({s.T, s.B, s.I});
   return {dx, dh0, dw_ih, dw_hh, db};
 }
 

@@ -125,9 +125,9 @@ at::Tensor rnn_forward_emu(const at::Tensor& x, const at::Tensor& h0, const at::
                            const std::optional<at::Tensor>& b_hh, bool relu,
                            const std::optional<at::Tensor>& resets,
                            const std::optional<at::Tensor>& lengths) {
-  reject_boundaries(resets, lengths);
   return recorded([&](const EmuDevice& dev) {
-    return cuda_impl::rnn_forward_impl(dev, x, h0, w_ih, w_hh, b_ih, b_hh, relu);
+    return cuda_impl::rnn_forward_impl(dev, x, h0, w_ih, w_hh, b_ih, b_hh, relu, resets,
+                                       lengths);
   });
 }
 
@@ -136,9 +136,9 @@ RnnGrads rnn_backward_emu(const at::Tensor& grad_y, const at::Tensor& x, const a
                           bool relu, const std::optional<at::Tensor>& grad_h_n,
                           const std::optional<at::Tensor>& resets,
                           const std::optional<at::Tensor>& lengths) {
-  reject_boundaries(resets, lengths);
   return recorded([&](const EmuDevice& dev) {
-    return cuda_impl::rnn_backward_impl(dev, grad_y, x, h0, w_ih, w_hh, y, relu, grad_h_n);
+    return cuda_impl::rnn_backward_impl(dev, grad_y, x, h0, w_ih, w_hh, y, relu, grad_h_n, resets,
+                                        lengths);
   });
 }
 

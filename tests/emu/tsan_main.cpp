@@ -1,8 +1,9 @@
 // tsan_main.cpp: the kernels of csrc/cuda/rnn_kernels.cuh on plain arrays under simt_emu.h, no
 // torch, built by tests/test_cuda_emulated.py with g++ -fsanitize=thread. Modes (argv[1]):
-//   rnn           forward + backward persistent kernels (with grad_h_n) on two small plans, one
-//                 with the batch in two groups, and the per-step backward kernel, checked against
-//                 naive loops; exit 0 when they agree (TSan must stay silent)
+//   rnn           forward + backward persistent kernels (with grad_h_n) on three small plans, one
+//                 with the batch in two groups, one with resets and lengths, and the per-step
+//                 kernels, checked against naive loops; exit 0 when they agree (TSan must stay
+//                 silent)
 //   race          a deliberately racy kernel (unsynchronized shared-memory read-modify-write):
 //                 the negative control, TSan must report it
 //   warp_ops      the emulator's own warp ops and atomics on known inputs; exit 0 when right
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -24,6 +26,8 @@ using fused_bptt::kernels::PersistentParams;
 using fused_bptt::kernels::rnn_backward_persistent_kernel;
 using fused_bptt::kernels::rnn_backward_step_kernel;
 using fused_bptt::kernels::rnn_forward_persistent_kernel;
+using fused_bptt::kernels::rnn_forward_step_kernel;
+using fused_bptt::kernels::SeqBounds;
 using fused_bptt::kernels::smem_layout;
 
 namespace {
@@ -33,17 +37,31 @@ using Vec = std::vector<double>;
 double act(double z, bool relu) { return relu ? (z < 0 ? 0 : z) : std::tanh(z); }
 double gate(double g, double y, bool relu) { return relu ? (y <= 0 ? 0 : g) : g * (1 - y * y); }
 
-// y_t = act(xw_t + h_{t-1} W^T); returns y [T, B, H].
-Vec naive_forward(const PersistentParams& p, const Vec& xw, const Vec& h0, const Vec& w) {
+// Sequence boundaries on the host, as fused_bptt.h defines them: resets [T, B] (nullptr: none),
+// len [B] (T where lengths are absent).
+struct Boundaries {
+  std::unique_ptr<bool[]> resets;
+  std::vector<int64_t> len;
+  bool has_lengths = false;
+
+  bool reset(int t, int b, int B) const { return resets && resets[t * B + b]; }
+  SeqBounds device() const { return {resets.get(), has_lengths ? len.data() : nullptr}; }
+};
+
+// y_t = act(xw_t + h_{t-1} W^T), without the product where the row is reset at t, 0 past its
+// length; returns y [T, B, H].
+Vec naive_forward(const PersistentParams& p, const Boundaries& bd, const Vec& xw, const Vec& h0,
+                  const Vec& w) {
   const int B = p.B, H = p.H;
   Vec y(xw);
   for (int t = 0; t < p.T; ++t)
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < H; ++j) {
         double z = y[(t * B + b) * H + j];
-        for (int k = 0; k < H; ++k)
-          z += (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]) * w[j * H + k];
-        y[(t * B + b) * H + j] = act(z, p.relu);
+        if (!bd.reset(t, b, B))
+          for (int k = 0; k < H; ++k)
+            z += (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]) * w[j * H + k];
+        y[(t * B + b) * H + j] = t < bd.len[b] ? act(z, p.relu) : 0.0;
       }
   return y;
 }
@@ -53,30 +71,49 @@ struct Grads {
 };
 
 // dz [T, B, H], dh0 [B, H], dW_hh [H, H], db [H], from fused_bptt.h.
-Grads naive_backward(const PersistentParams& p, const Vec& gy, const Vec& ghn, const Vec& h0,
-                     const Vec& w, const Vec& y) {
+Grads naive_backward(const PersistentParams& p, const Boundaries& bd, const Vec& gy,
+                     const Vec& ghn, const Vec& h0, const Vec& w, const Vec& y) {
   const int T = p.T, B = p.B, H = p.H;
   Grads g{Vec(T * B * H), Vec(B * H), Vec(H * H), Vec(H)};
   for (int t = T - 1; t >= 0; --t)
     for (int b = 0; b < B; ++b)
       for (int k = 0; k < H; ++k) {
-        double c = gy[(t * B + b) * H + k] + (t == T - 1 ? ghn[b * H + k] : 0.0);
-        if (t + 1 < T)
+        const int len = static_cast<int>(bd.len[b]);
+        if (t >= len) continue;  // padded: dz stays 0
+        double c = gy[(t * B + b) * H + k] + (t == len - 1 ? ghn[b * H + k] : 0.0);
+        if (t + 1 < len && !bd.reset(t + 1, b, B))
           for (int j = 0; j < H; ++j) c += g.dz[((t + 1) * B + b) * H + j] * w[j * H + k];
         g.dz[(t * B + b) * H + k] = gate(c, y[(t * B + b) * H + k], p.relu);
       }
   for (int b = 0; b < B; ++b)
     for (int k = 0; k < H; ++k)
-      for (int j = 0; j < H; ++j) g.dh0[b * H + k] += g.dz[b * H + j] * w[j * H + k];
+      for (int j = 0; j < H; ++j)
+        if (!bd.reset(0, b, B)) g.dh0[b * H + k] += g.dz[b * H + j] * w[j * H + k];
   for (int t = 0; t < T; ++t)
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < H; ++j) {
         const double d = g.dz[(t * B + b) * H + j];
         g.db[j] += d;
+        if (bd.reset(t, b, B)) continue;
         for (int k = 0; k < H; ++k)
           g.dw[j * H + k] += d * (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]);
       }
   return g;
+}
+
+// No boundaries (every row T steps long), or resets at (t, b) where (t + 2 * b) % 3 == 0 and
+// lengths T, 1, T - 1, T, ... (ties, a row of one step, full rows).
+Boundaries make_boundaries(const PersistentParams& p, bool with) {
+  Boundaries bd;
+  bd.len.assign(p.B, p.T);
+  if (!with) return bd;
+  bd.resets.reset(new bool[p.T * p.B]);
+  for (int t = 0; t < p.T; ++t)
+    for (int b = 0; b < p.B; ++b) bd.resets[t * p.B + b] = (t + 2 * b) % 3 == 0;
+  const int64_t pattern[] = {p.T, 1, p.T - 1, p.T};
+  for (int b = 0; b < p.B; ++b) bd.len[b] = pattern[b % 4];
+  bd.has_lengths = true;
+  return bd;
 }
 
 double max_diff(const Vec& a, const Vec& b) {
@@ -85,9 +122,10 @@ double max_diff(const Vec& a, const Vec& b) {
   return a.size() == b.size() ? m : INFINITY;
 }
 
-// Runs both persistent kernels on plan p with `threads` threads per block; prints one line per
-// output and returns the number that disagree with the naive loops.
-int check_plan(const char* name, const PersistentParams& p, int threads) {
+// Runs both persistent kernels on plan p with `threads` threads per block, with or without
+// boundaries; prints one line per output and returns the number that disagree with the naive
+// loops.
+int check_plan(const char* name, const PersistentParams& p, int threads, bool boundaries) {
   const int T = p.T, B = p.B, H = p.H, groups = (B + p.rows - 1) / p.rows;
   const int grid = p.slices * groups;
   std::mt19937 gen(0);
@@ -99,25 +137,26 @@ int check_plan(const char* name, const PersistentParams& p, int threads) {
   };
   const Vec xw = rnd(T * B * H), h0 = rnd(B * H), w = rnd(H * H), gy = rnd(T * B * H);
   const Vec ghn = rnd(B * H);
+  const Boundaries bd = make_boundaries(p, boundaries);
 
   Vec y(xw);
   const size_t fwd_smem = smem_layout(false, p.rows, H, p.J, p.b_tile).total * sizeof(double);
   simt::launch_cooperative(&rnn_forward_persistent_kernel<double>, dim3(grid), dim3(threads),
-                           fwd_smem, h0.data(), w.data(), y.data(), p);
-  const Vec y_ref = naive_forward(p, xw, h0, w);
+                           fwd_smem, h0.data(), w.data(), y.data(), bd.device(), p);
+  const Vec y_ref = naive_forward(p, bd, xw, h0, w);
 
   Vec dz(T * B * H), dh0(B * H), dw(groups * H * H), db(groups * H);
   const size_t bwd_smem = smem_layout(true, p.rows, H, p.J, p.b_tile).total * sizeof(double);
   simt::launch_cooperative(&rnn_backward_persistent_kernel<double>, dim3(grid), dim3(threads),
                            bwd_smem, gy.data(), ghn.data(), h0.data(), w.data(), y_ref.data(),
-                           dz.data(), dh0.data(), dw.data(), db.data(), p);
+                           dz.data(), dh0.data(), dw.data(), db.data(), bd.device(), p);
   for (int g = 1; g < groups; ++g) {  // the launcher's sum over batch groups
     for (int i = 0; i < H * H; ++i) dw[i] += dw[g * H * H + i];
     for (int i = 0; i < H; ++i) db[i] += db[g * H + i];
   }
   dw.resize(H * H);
   db.resize(H);
-  const Grads ref = naive_backward(p, gy, ghn, h0, w, y_ref);
+  const Grads ref = naive_backward(p, bd, gy, ghn, h0, w, y_ref);
 
   const double errs[] = {max_diff(y, y_ref), max_diff(dz, ref.dz), max_diff(dh0, ref.dh0),
                          max_diff(dw, ref.dw), max_diff(db, ref.db)};
@@ -130,23 +169,46 @@ int check_plan(const char* name, const PersistentParams& p, int threads) {
   return bad;
 }
 
-// The per-step kernel for the last step (grad_h_n, no carry) and the one before (carry, no
-// grad_h_n), relu, on 2 blocks of 32 threads.
-int check_step_kernel() {
-  const int n = 70;
+// The per-step kernels on 2 blocks of 32 threads, relu, B = 5 rows of H = 14 (70 entries) with
+// resets and lengths (make_boundaries): the forward at every step, and the backward at the last
+// step (grad_h_n, no carry) and the one before (carry; grad_h_n where a row ends there).
+int check_step_kernels() {
+  const PersistentParams p{4, 5, 14, 0, 0, 0, 0, 0, true};
+  const int n = p.B * p.H;
+  const Boundaries bd = make_boundaries(p, true);
   std::mt19937 gen(1);
   std::normal_distribution<double> nd(0.0, 1.0);
-  Vec gy(n), ghn(n), carry(n), y(n), dz(n);
-  for (int i = 0; i < n; ++i) gy[i] = nd(gen), ghn[i] = nd(gen), carry[i] = nd(gen), y[i] = nd(gen);
+  Vec gy(n), ghn(n), carry(n), y(n), dz(n), pre(n);
+  for (int i = 0; i < n; ++i)
+    gy[i] = nd(gen), ghn[i] = nd(gen), carry[i] = nd(gen), y[i] = nd(gen), pre[i] = nd(gen);
   int bad = 0;
-  for (int last = 0; last < 2; ++last) {
-    simt::launch(&rnn_backward_step_kernel<double>, dim3(2), dim3(32), 0, gy.data(),
-                 last ? ghn.data() : nullptr, last ? nullptr : carry.data(), y.data(), dz.data(),
-                 int64_t(n), true);
-    double err = 0;
-    for (int i = 0; i < n; ++i)
-      err = std::fmax(err, std::fabs(dz[i] - gate(gy[i] + (last ? ghn[i] : carry[i]), y[i], true)));
-    std::printf("step kernel: max |dz - naive| = %.3g\n", err);
+  double err = 0;
+  for (int t = 0; t < p.T; ++t) {
+    Vec yt(pre);
+    simt::launch(&rnn_forward_step_kernel<double>, dim3(2), dim3(32), 0, carry.data(), yt.data(),
+                 bd.device(), t, p.T, p.B, p.H, p.relu);
+    for (int i = 0; i < n; ++i) {
+      const int b = i / p.H;
+      const double want =
+          t >= bd.len[b] ? 0.0 : act(pre[i] + (bd.reset(t, b, p.B) ? 0.0 : carry[i]), p.relu);
+      err = std::fmax(err, std::fabs(yt[i] - want));
+    }
+  }
+  std::printf("forward step kernel: max |y - naive| = %.3g\n", err);
+  bad += !(err < 1e-12);
+  for (int t = p.T - 1; t >= p.T - 2; --t) {
+    const bool last = t == p.T - 1;
+    simt::launch(&rnn_backward_step_kernel<double>, dim3(2), dim3(32), 0, gy.data(), ghn.data(),
+                 last ? nullptr : carry.data(), y.data(), dz.data(), bd.device(), t, p.T, p.B,
+                 p.H, p.relu);
+    err = 0;
+    for (int i = 0; i < n; ++i) {
+      const int b = i / p.H, len = static_cast<int>(bd.len[b]);
+      const bool with_carry = t + 1 < len && !bd.reset(t + 1, b, p.B);
+      const double g = gy[i] + (t == len - 1 ? ghn[i] : 0.0) + (with_carry ? carry[i] : 0.0);
+      err = std::fmax(err, std::fabs(dz[i] - (t >= len ? 0.0 : gate(g, y[i], p.relu))));
+    }
+    std::printf("backward step kernel: max |dz - naive| = %.3g\n", err);
     bad += !(err < 1e-12);
   }
   return bad;
@@ -158,8 +220,10 @@ int run_rnn() {
   const PersistentParams tiles{3, 3, 10, 4, 3, 3, 2, 4, false};
   // The batch in 2 groups (3 and 2 rows) x 2 slices (8 and 2 units): 4 blocks; relu.
   const PersistentParams groups{3, 5, 10, 8, 2, 3, 3, 2, true};
-  return check_plan("row tiles", tiles, 64) + check_plan("batch groups", groups, 32) +
-         check_step_kernel();
+  // The same with resets and lengths, over 4 steps.
+  const PersistentParams bounded{4, 5, 10, 8, 2, 3, 3, 2, true};
+  return check_plan("row tiles", tiles, 64, false) + check_plan("batch groups", groups, 32, false) +
+         check_plan("boundaries", bounded, 32, true) + check_step_kernels();
 }
 
 // Every thread adds to one shared counter without synchronization: a data race TSan must see.
