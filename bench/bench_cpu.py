@@ -24,7 +24,6 @@ Benchmarks report; they never assert speed.
 """
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -33,7 +32,10 @@ import time
 
 import torch
 
-import fused_bptt  # the installed package (pip install --no-build-isolation .), with its _C
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_util import import_fused_bptt, require_cpp_backend, save_figure, write_csv  # noqa: E402
+
+fused_bptt = import_fused_bptt("bench_cpu")
 
 IMPLS = ("cpp", "ops", "reference", "nn")
 LOW_PRECISION_IMPLS = IMPLS + ("cpp_float32",)
@@ -214,13 +216,6 @@ def run_sweep(points, budget_s, rows, dtype=torch.float32):
             )
 
 
-def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 STYLES = {"cpp": "-o", "ops": "-.^", "reference": ":x", "nn": "--s", "cpp_float32": "-d"}
 
 
@@ -257,10 +252,8 @@ def plot(rows, T, out_dir, suffix=""):
             ax.set_xlabel("hidden size H (= input size)")
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7)
-        fig.tight_layout()
         path = os.path.join(out_dir, f"cpu_{kind}_vs_H{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110)
         paths.append(path)
     return paths
 
@@ -270,6 +263,109 @@ def lookup(rows, shape, mode, impl):
     return next(
         r for r in rows if (r["T"], r["B"], r["H"], r["mode"], r["impl"]) == (T, B, H, mode, impl)
     )
+
+
+def _verdict(ratio, quick, must, aim=None):
+    """AIM / PASS / FAIL against the targets; n/a for a --quick run (its shapes are not the
+    targets')."""
+    if quick:
+        return "n/a"
+    if aim is not None and ratio >= aim:
+        return "AIM"
+    return "PASS" if ratio >= must else "FAIL"
+
+
+def _target_lines(rows, targets, quick, name):
+    """The header and one line per target shape: fwd+bwd and fwd, nn.RNN vs cpp and the raw ops."""
+    lines = [
+        "\n" + "=" * 100,
+        f"fused_bptt CPU benchmark, {name}: ratio = torch.nn.RNN time / FusedRNN(backend='cpp') "
+        "time (median, interleaved)",
+        "ops ratio = the same for the raw ops (torch.ops.fused_bptt.*, no Python layer, no "
+        "autograd)",
+        f"{'T/B/H':>14} {'fwd+bwd nn ms':>13} {'cpp ms':>8} {'ratio':>6} {'must':>5} {'aim':>5} "
+        f"{'verdict':>8} {'ops ratio':>9} | {'fwd nn ms':>9} {'cpp ms':>8} {'ratio':>6} "
+        f"{'verdict':>7} {'ops ratio':>9}",
+    ]
+    for shape, must, aim in targets:
+        fb = {i: lookup(rows, shape, "fwd+bwd", i) for i in ("nn", "cpp", "ops")}
+        fo = {i: lookup(rows, shape, "fwd", i) for i in ("nn", "cpp", "ops")}
+        r_fb, r_fo = fb["cpp"]["speedup_vs_nn"], fo["cpp"]["speedup_vs_nn"]
+        lines.append(
+            f"{'/'.join(map(str, shape)):>14} {fb['nn']['ms']:13.3f} {fb['cpp']['ms']:8.3f} "
+            f"{r_fb:6.2f} {must:5.2f} {aim:5.2f} {_verdict(r_fb, quick, must, aim):>8} "
+            f"{fb['ops']['speedup_vs_nn']:9.2f} | {fo['nn']['ms']:9.3f} {fo['cpp']['ms']:8.3f} "
+            f"{r_fo:6.2f} {_verdict(r_fo, quick, must, aim):>7} {fo['ops']['speedup_vs_nn']:9.2f}"
+        )
+    return lines
+
+
+def _low_precision_gain_line(rows, targets, quick, name):
+    """FusedRNN float32 time / its time in bfloat16 or float16 at the largest target shape."""
+    shape = targets[-1][0]
+    gain = (
+        lookup(rows, shape, "fwd+bwd", "cpp_float32")["ms"]
+        / lookup(rows, shape, "fwd+bwd", "cpp")["ms"]
+    )
+    return (
+        f"FusedRNN float32 time / {name} time at T/B/H={'/'.join(map(str, shape))} fwd+bwd: "
+        f"{gain:.2f}x (target {LOW_PRECISION_GAIN_TARGET:.1f}x) "
+        f"{_verdict(gain, quick, LOW_PRECISION_GAIN_TARGET)}"
+    )
+
+
+def _slower_and_memory_lines(rows, mem, name):
+    """The points where cpp loses to nn.RNN, and the memory each keeps for backward."""
+    slower = [r for r in rows if r["impl"] == "cpp" and r["speedup_vs_nn"] < 1.0]
+    (T, B, H), kept = mem
+    return [
+        f"points where cpp is slower than nn.RNN: {len(slower)}"
+        + "".join(
+            f"\n  T={r['T']} B={r['B']} H={r['H']} {r['mode']}: {r['speedup_vs_nn']:.2f}x"
+            for r in slower
+        ),
+        f"kept for backward at T/B/H={T}/{B}/{H} (allocator accounting), in units of [T,B,H] "
+        f"{name}: "
+        + "; ".join(
+            f"{impl} {tot:.2f} allocated and kept by the forward, {extra:.2f} beyond y and h_n"
+            for impl, (tot, extra) in kept.items()
+        ),
+    ]
+
+
+def _gemm_rate_lines(rows, targets, gemm_rate, name, lowp_gemm_rate):
+    """GFLOP/s at the largest target shape against the machine's GEMM rates, and a warning when
+    those rates show that other processes share the cores."""
+    shape = targets[-1][0]
+    cpp = lookup(rows, shape, "fwd+bwd", "cpp")
+    rate = flops_fwd_bwd(*shape) / (cpp["ms"] * 1e-3) / 1e9
+    nn_rate = rate * cpp["ms"] / lookup(rows, shape, "fwd+bwd", "nn")["ms"]
+    before, after, one = gemm_rate
+    best = max(before, after)
+    lines = [
+        f"GFLOP/s at T/B/H={'/'.join(map(str, shape))} fwd+bwd (6 GEMM-sized products): "
+        f"cpp {rate:.0f}, nn.RNN {nn_rate:.0f}; machine sgemm (torch.mm, square) before/after "
+        f"the sweep: {before:.0f}/{after:.0f} -> cpp at {100 * rate / best:.0f}% "
+        f"(1 thread: {one:.0f})"
+        + (f"; {name} GEMM (torch.mm, square): {lowp_gemm_rate:.0f}" if lowp_gemm_rate else "")
+    ]
+    threads = torch.get_num_threads()
+    if min(before, after) < 0.8 * best or (threads > 1 and best < 0.7 * threads * one):
+        lines.append(
+            "WARNING: the sgemm rate changed during the run or does not scale with the threads: "
+            "other processes share these cores; rerun for trustworthy numbers"
+        )
+    return lines
+
+
+def _machine_lines(load_before):
+    return [
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads()="
+        f"{torch.get_num_threads()}, torch {torch.__version__}, cpu capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, python {platform.python_version()}",
+        f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        "(other processes on the cores distort every number)",
+    ]
 
 
 def print_summary(
@@ -284,95 +380,13 @@ def print_summary(
     lowp_gemm_rate=None,
 ):
     """Prints the final table and writes the same lines to `path`."""
-    lines = []
-    out = lines.append
     name = str(dtype).replace("torch.", "")
-    out("\n" + "=" * 100)
-    out(
-        f"fused_bptt CPU benchmark, {name}: ratio = torch.nn.RNN time / FusedRNN(backend='cpp') "
-        "time (median, interleaved)"
-    )
-    out(
-        "ops ratio = the same for the raw ops (torch.ops.fused_bptt.*, no Python layer, no "
-        "autograd)"
-    )
-    out(
-        f"{'T/B/H':>14} {'fwd+bwd nn ms':>13} {'cpp ms':>8} {'ratio':>6} {'must':>5} {'aim':>5} "
-        f"{'verdict':>8} {'ops ratio':>9} | {'fwd nn ms':>9} {'cpp ms':>8} {'ratio':>6} "
-        f"{'verdict':>7} {'ops ratio':>9}"
-    )
-    for shape, must, aim in targets:
-        fb = {i: lookup(rows, shape, "fwd+bwd", i) for i in ("nn", "cpp", "ops")}
-        fo = {i: lookup(rows, shape, "fwd", i) for i in ("nn", "cpp", "ops")}
-        r_fb, r_fo = fb["cpp"]["speedup_vs_nn"], fo["cpp"]["speedup_vs_nn"]
-
-        def verdict(r, aim=aim, must=must):
-            if quick:
-                return "n/a"
-            return "AIM" if r >= aim else "PASS" if r >= must else "FAIL"
-
-        out(
-            f"{'/'.join(map(str, shape)):>14} {fb['nn']['ms']:13.3f} {fb['cpp']['ms']:8.3f} "
-            f"{r_fb:6.2f} {must:5.2f} {aim:5.2f} {verdict(r_fb):>8} "
-            f"{fb['ops']['speedup_vs_nn']:9.2f} | {fo['nn']['ms']:9.3f} {fo['cpp']['ms']:8.3f} "
-            f"{r_fo:6.2f} {verdict(r_fo):>7} {fo['ops']['speedup_vs_nn']:9.2f}"
-        )
+    lines = _target_lines(rows, targets, quick, name)
     if dtype != torch.float32:
-        shape = targets[-1][0]
-        gain = (
-            lookup(rows, shape, "fwd+bwd", "cpp_float32")["ms"]
-            / lookup(rows, shape, "fwd+bwd", "cpp")["ms"]
-        )
-        verdict = "n/a" if quick else "PASS" if gain >= LOW_PRECISION_GAIN_TARGET else "FAIL"
-        out(
-            f"FusedRNN float32 time / {name} time at T/B/H={'/'.join(map(str, shape))} fwd+bwd: "
-            f"{gain:.2f}x (target {LOW_PRECISION_GAIN_TARGET:.1f}x) {verdict}"
-        )
-    slower = [r for r in rows if r["impl"] == "cpp" and r["speedup_vs_nn"] < 1.0]
-    out(
-        f"points where cpp is slower than nn.RNN: {len(slower)}"
-        + "".join(
-            f"\n  T={r['T']} B={r['B']} H={r['H']} {r['mode']}: {r['speedup_vs_nn']:.2f}x"
-            for r in slower
-        )
-    )
-    (T, B, H), m = mem
-    out(
-        f"kept for backward at T/B/H={T}/{B}/{H} (allocator accounting), in units of [T,B,H] "
-        f"{name}: "
-        + "; ".join(
-            f"{name} {tot:.2f} allocated and kept by the forward, {extra:.2f} beyond y and h_n"
-            for name, (tot, extra) in m.items()
-        )
-    )
-    shape = targets[-1][0]
-    cpp = lookup(rows, shape, "fwd+bwd", "cpp")
-    rate = flops_fwd_bwd(*shape) / (cpp["ms"] * 1e-3) / 1e9
-    nn_rate = rate * cpp["ms"] / lookup(rows, shape, "fwd+bwd", "nn")["ms"]
-    before, after, one = gemm_rate
-    best = max(before, after)
-    out(
-        f"GFLOP/s at T/B/H={'/'.join(map(str, shape))} fwd+bwd (6 GEMM-sized products): "
-        f"cpp {rate:.0f}, nn.RNN {nn_rate:.0f}; machine sgemm (torch.mm, square) before/after "
-        f"the sweep: {before:.0f}/{after:.0f} -> cpp at {100 * rate / best:.0f}% "
-        f"(1 thread: {one:.0f})"
-        + (f"; {name} GEMM (torch.mm, square): {lowp_gemm_rate:.0f}" if lowp_gemm_rate else "")
-    )
-    threads = torch.get_num_threads()
-    if min(before, after) < 0.8 * best or (threads > 1 and best < 0.7 * threads * one):
-        out(
-            "WARNING: the sgemm rate changed during the run or does not scale with the threads: "
-            "other processes share these cores; rerun for trustworthy numbers"
-        )
-    out(
-        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch.get_num_threads()="
-        f"{torch.get_num_threads()}, torch {torch.__version__}, cpu capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, python {platform.python_version()}"
-    )
-    out(
-        f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-        "(other processes on the cores distort every number)"
-    )
+        lines.append(_low_precision_gain_line(rows, targets, quick, name))
+    lines += _slower_and_memory_lines(rows, mem, name)
+    lines += _gemm_rate_lines(rows, targets, gemm_rate, name, lowp_gemm_rate)
+    lines += _machine_lines(load_before)
     text = "\n".join(lines)
     print(text, flush=True)
     with open(path, "w") as f:
@@ -466,11 +480,7 @@ def main(argv=None):
         help="only the resets / PackedSequence rows (run_varlen)",
     )
     args = p.parse_args(argv)
-    if "cpp" not in fused_bptt.available_backends():
-        sys.exit(
-            "fused_bptt: the compiled CPU ops are not built; build them first "
-            "(pip install --no-build-isolation .)"
-        )
+    require_cpp_backend("bench_cpu")
     os.makedirs(args.out_dir, exist_ok=True)
     if args.varlen_only:
         run_varlen(args.quick, 0.02 if args.quick else 2.0)
@@ -502,7 +512,7 @@ def main(argv=None):
     rows = []
     run_sweep(points, budget, rows, dtype)
     csv_path = os.path.join(args.out_dir, f"cpu_bench{suffix}.csv")
-    write_csv(rows, csv_path)
+    write_csv(csv_path, rows)
     plots = plot(rows, sweep_T, args.out_dir, suffix)
     mem_shape = targets[2][0]
     models = make_models(mem_shape[2], dtype)

@@ -26,7 +26,6 @@ Outputs under --out: memory.csv, memory_time.csv, memory.png, memory.txt.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,23 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import fused_bptt
-except ImportError as error:
-    raise SystemExit(
-        f"bench_memory: cannot import fused_bptt ({error}); install it: "
-        f"pip install --no-build-isolation . in the checkout"
-    ) from None
-from fused_bptt import FusedRNN, RNNWithHead, available_backends, checkpointed_bptt
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import (
-    PeakMemory,
-    format_table,
-    peak_memory_supported,  # noqa: E402
-    run_worker,
-    write_csv,
-)
+import bench_util  # noqa: E402
+
+fused_bptt = bench_util.import_fused_bptt("bench_memory")
+from fused_bptt import FusedRNN, RNNWithHead, checkpointed_bptt  # noqa: E402
 
 PLAIN_TS = [1000, 2000, 4000, 8000, 16000, 32000]
 CHECKPOINTED_TS = PLAIN_TS + [64000, 128000, 256000, 1000000]
@@ -120,7 +107,7 @@ def memory_worker(args):
     run(args.method, model, x[:500], target[:500])
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    with PeakMemory() as peak:
+    with bench_util.PeakMemory() as peak:
         run(args.method, model, x, target)
     return {
         "method": args.method,
@@ -156,8 +143,18 @@ def time_worker(args):
 # ---- the driver ----------------------------------------------------------------------------------
 
 
+# A line of progress per result of each worker.
+PROGRESS = {
+    "memory": "memory {method:12s} T={T:8d}: peak {peak_mib:9.1f} MiB above the start "
+    "({seconds:.2f} s)",
+    "time": "time T={T}: plain {plain_s:.3f} s, checkpointed {checkpointed_s:.3f} s, "
+    "ratio {ratio:.2f}",
+}
+
+
 def spawn(args, worker, method, length):
-    return run_worker(
+    """Runs one measurement in a fresh process and prints its line of progress."""
+    result = bench_util.run_worker(
         __file__,
         [
             "--worker",
@@ -178,6 +175,8 @@ def spawn(args, worker, method, length):
         + (["--method", method] if method else []),
         fused_bptt.__file__,
     )
+    print(PROGRESS[worker].format(**result), flush=True)
+    return result
 
 
 def plot(path, args, rows, timing):
@@ -216,52 +215,30 @@ def plot(path, args, rows, timing):
     time_ax.set_title("time (measured alternately in one process)", fontsize=9)
     time_ax.grid(True, which="both", alpha=0.3)
     time_ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    bench_util.save_figure(fig, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bench_util.set_threads(args.threads)
     if args.worker:
-        result = (memory_worker if args.worker == "memory" else time_worker)(args)
-        print(json.dumps(result))
-        return result
-    if not peak_memory_supported():
+        return bench_util.worker_result(
+            (memory_worker if args.worker == "memory" else time_worker)(args)
+        )
+    if not bench_util.peak_memory_supported():
         raise SystemExit(
             "bench_memory: measures peak RSS through /proc/self/clear_refs and "
             "VmHWM, which this system does not have (Linux only)"
         )
-    if "cpp" not in available_backends():
-        raise SystemExit(
-            f"bench_memory: FusedRNN would run the slow reference backend "
-            f"(backends here: {available_backends()}); install the package with its "
-            f"compiled kernels"
-        )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bench_util.require_cpp_backend("bench_memory")
+    out = bench_util.output_folder(args.out)
     start = time.perf_counter()
-    rows = []
-    for method, lengths in (("plain", args.plain_ts), ("checkpointed", args.checkpointed_ts)):
-        for length in lengths:
-            rows.append(spawn(args, "memory", method, length))
-            r = rows[-1]
-            print(
-                f"memory {method:12s} T={length:8d}: peak {r['peak_mib']:9.1f} MiB above the "
-                f"start ({r['seconds']:.2f} s)",
-                flush=True,
-            )
-    timing = []
-    for length in args.time_ts:
-        timing.append(spawn(args, "time", None, length))
-        r = timing[-1]
-        print(
-            f"time T={length}: plain {r['plain_s']:.3f} s, checkpointed "
-            f"{r['checkpointed_s']:.3f} s, ratio {r['ratio']:.2f}",
-            flush=True,
-        )
+    rows = [
+        spawn(args, "memory", method, length)
+        for method, lengths in (("plain", args.plain_ts), ("checkpointed", args.checkpointed_ts))
+        for length in lengths
+    ]
+    timing = [spawn(args, "time", None, length) for length in args.time_ts]
     peak = {(r["method"], r["T"]): r["peak_mib"] for r in rows}
     lines = [
         f"fused_bptt bench_memory: B/I/H = {args.batch}/{args.inputs}/{args.hidden}, "
@@ -271,7 +248,7 @@ def main(argv=None):
         "steps, in a fresh process per point (VmHWM after clear_refs, minus VmRSS before; "
         "the data x and target are allocated before the start and not counted; "
         "checkpointed uses the default segment round(sqrt(T)))",
-        format_table(rows, float_format=".3f"),
+        bench_util.format_table(rows, float_format=".3f"),
     ]
     short, long = (2000 if 2000 in args.plain_ts else args.plain_ts[0]), args.plain_ts[-1]
     if ("checkpointed", long) in peak:
@@ -285,15 +262,15 @@ def main(argv=None):
         f"time: forward + backward, both methods alternately in one process per T, "
         f"median of {args.rounds} rounds after a warm-up; ratio = checkpointed / plain "
         f"(min and max over rounds). Measured on a shared machine: provisional",
-        format_table(
+        bench_util.format_table(
             timing, ["T", "plain_s", "checkpointed_s", "ratio", "ratio_min", "ratio_max"], ".3f"
         ),
         f"bench took {time.perf_counter() - start:.0f} s",
     ]
     text = "\n\n".join(lines)
     print("\n" + text)
-    write_csv(out / "memory.csv", rows)
-    write_csv(out / "memory_time.csv", timing)
+    bench_util.write_csv(out / "memory.csv", rows)
+    bench_util.write_csv(out / "memory_time.csv", timing)
     (out / "memory.txt").write_text(text + "\n")
     plot(out / "memory.png", args, rows, timing)
     print(f"wrote memory.csv, memory_time.csv, memory.txt, memory.png to {out}")

@@ -1,4 +1,5 @@
-"""What the bench scripts share: CSV and text tables, and peak memory measured in a fresh process.
+"""What the bench scripts share: the import of fused_bptt and the check for its compiled kernels,
+CSV and text tables, and peak memory measured in a fresh process.
 
 Peak memory: the process's peak resident set size (VmHWM) after the kernel's peak mark has been
 reset to the current size (writing 5 to /proc/self/clear_refs, Linux only), minus that size:
@@ -15,6 +16,31 @@ import sys
 from pathlib import Path
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
+INSTALL = "pip install --no-build-isolation . in the checkout"
+
+
+def import_fused_bptt(script):
+    """The installed fused_bptt (the scripts measure what users install, not the checkout); exits
+    naming the install command when it cannot be imported."""
+    try:
+        import fused_bptt
+    except ImportError as error:
+        raise SystemExit(
+            f"{script}: cannot import fused_bptt ({error}); the bench scripts run the installed "
+            f"package: {INSTALL}"
+        ) from None
+    return fused_bptt
+
+
+def require_cpp_backend(script):
+    """Exits unless FusedRNN runs the compiled CPU kernels here: a figure of the pure-PyTorch
+    reference backend would pass for the kernels'."""
+    backends = import_fused_bptt(script).available_backends()
+    if "cpp" not in backends:
+        raise SystemExit(
+            f"{script}: FusedRNN would run the slow reference backend (backends here: "
+            f"{backends}); install the package with its compiled kernels: {INSTALL}"
+        )
 
 
 def write_csv(path, rows):
@@ -38,6 +64,16 @@ def format_table(rows, keys=None, float_format=".4f"):
     )
 
 
+def save_figure(fig, path, dpi=100):
+    """Lays out, writes and closes a matplotlib figure (a script makes several: an open figure
+    would keep its memory)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _kib(field):
     status = Path("/proc/self/status").read_text()
     return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
@@ -57,6 +93,29 @@ class PeakMemory:
 
 def peak_memory_supported():
     return CLEAR_REFS.exists()
+
+
+def set_threads(threads):
+    """--threads: torch's thread count, 0 for torch's default (on a busy machine 1 is steadier:
+    OpenMP threads stall the short steps when a core is taken)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def output_folder(path):
+    """--out as a Path, the folder made if missing."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def worker_result(result):
+    """A worker process's result: printed as JSON on its last line (what run_worker reads), and
+    returned (a worker called in-process, as the smoke tests do)."""
+    print(json.dumps(result))
+    return result
 
 
 def run_worker(script, arguments, package_file):

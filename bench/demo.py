@@ -57,14 +57,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import fused_bptt
-except ImportError as error:
-    raise SystemExit(
-        f"demo: cannot import fused_bptt ({error}); the demo runs the installed "
-        f"package: pip install --no-build-isolation . in the checkout"
-    ) from None
-from fused_bptt import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_util import (  # noqa: E402
+    format_table,
+    import_fused_bptt,
+    output_folder,
+    save_figure,
+    set_threads,
+    write_csv,
+)
+
+fused_bptt = import_fused_bptt("demo")
+from fused_bptt import (  # noqa: E402
     FusedRNN,
     RNNWithHead,
     StatefulTBPTT,
@@ -72,9 +76,6 @@ from fused_bptt import (
     available_backends,
     train_tbptt,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import format_table, write_csv  # noqa: E402
 
 
 def parse_args(argv):
@@ -480,9 +481,7 @@ def plot(path, args, pulse, recall):
         args,
         *recall,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_recall(acc_ax, stream_ax, args, summary, rows, samples):
@@ -536,15 +535,9 @@ def plot_recall(acc_ax, stream_ax, args, summary, rows, samples):
     stream_ax.legend(fontsize=6, ncol=4, loc="lower center")
 
 
-def main(argv=None):
-    """Trains, evaluates, times, writes the outputs; returns the per-run rows of each task."""
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    used = check_backend(args)
-    header = (
+def describe(args, used):
+    """The header of the printout and of demo.txt: the configuration and what runs."""
+    return (
         f"fused_bptt demo: hidden {args.hidden}, seeds {args.seeds}, device {args.device}, "
         f"{torch.get_num_threads()} threads; fused_bptt from "
         f"{Path(fused_bptt.__file__).parent}, backends {available_backends()}, FusedRNN "
@@ -555,12 +548,10 @@ def main(argv=None):
         f"{args.recall_ks}, lr in {args.recall_lrs}, batch {args.recall_batch}, "
         f"{args.recall_train_steps} training steps per stream"
     )
-    print(header, flush=True)
-    pulse, recall = make_tasks(args)
-    start = time.perf_counter()
-    pulse_rows, pulse_curves, pulse_samples = train_all(args, pulse)
-    recall_rows, _, recall_samples = train_all(args, recall)
-    timing = time_updates(args, pulse)
+
+
+def summarize_tasks(pulse_rows, recall_rows):
+    """The over-seeds summaries of both tasks (summarize)."""
     pulse_summary = summarize(
         pulse_rows,
         "eval_mse",
@@ -575,7 +566,12 @@ def main(argv=None):
         "eval_acc",
         {"eval_mse_median": "eval_mse", "train_loss_median": "train_loss_last10pct"},
     )
-    text = "\n\n".join(
+    return pulse_summary, recall_summary
+
+
+def report(header, pulse_summary, recall_summary, pulse_rows, recall_rows, timing, seconds):
+    """All the tables as one text: printed, and written to demo.txt."""
+    return "\n\n".join(
         [
             header,
             "task 1, pulse -> phase: held-out MSE over seeds, run statefully from zeros after a "
@@ -587,8 +583,32 @@ def main(argv=None):
             "task 2, every run\n" + format_table(recall_rows),
             "time per update (forward + backward + clip + Adam), FusedRNN vs torch.nn.RNN, task 1 "
             "chunks, median of blocks\n" + format_table(timing),
-            f"training, evaluation and timing took {time.perf_counter() - start:.0f} s",
+            f"training, evaluation and timing took {seconds:.0f} s",
         ]
+    )
+
+
+def main(argv=None):
+    """Trains, evaluates, times, writes the outputs; returns the per-run rows of each task."""
+    args = parse_args(argv)
+    out = output_folder(args.out)
+    set_threads(args.threads)
+    header = describe(args, check_backend(args))
+    print(header, flush=True)
+    pulse, recall = make_tasks(args)
+    start = time.perf_counter()
+    pulse_rows, pulse_curves, pulse_samples = train_all(args, pulse)
+    recall_rows, _, recall_samples = train_all(args, recall)
+    timing = time_updates(args, pulse)
+    pulse_summary, recall_summary = summarize_tasks(pulse_rows, recall_rows)
+    text = report(
+        header,
+        pulse_summary,
+        recall_summary,
+        pulse_rows,
+        recall_rows,
+        timing,
+        time.perf_counter() - start,
     )
     print("\n" + text)
     write_csv(out / "demo.csv", pulse_rows)

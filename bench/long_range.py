@@ -32,7 +32,6 @@ long_range.csv, long_range_curves.csv, long_range.png, long_range.txt.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,29 +39,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-try:
-    import fused_bptt
-except ImportError as error:
-    raise SystemExit(
-        f"long_range: cannot import fused_bptt ({error}); install it: "
-        f"pip install --no-build-isolation . in the checkout"
-    ) from None
-from fused_bptt import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_util  # noqa: E402
+
+fused_bptt = bench_util.import_fused_bptt("long_range")
+from fused_bptt import (  # noqa: E402
     FusedRNN,
     RNNWithHead,
     StatefulTBPTT,
-    available_backends,
     checkpointed_bptt,
     train_tbptt,
-)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import (
-    PeakMemory,
-    format_table,
-    peak_memory_supported,  # noqa: E402
-    run_worker,
-    write_csv,
 )
 
 METHODS = ("tbptt", "tbptt_k1_k2", "checkpointed")
@@ -274,19 +260,19 @@ def memory_worker(args, method):
 
     warm = min(args.length, 4 * args.k2)
     update(x[:warm], target[:warm])
-    with PeakMemory() as peak:
+    with bench_util.PeakMemory() as peak:
         update(x, target)  # TBPTT: a whole stream batch, i.e. N / k updates; the peak is one's
     return {"method": method, "peak_mib": peak.mib}
 
 
 def measure_memory(args, method):
-    if not peak_memory_supported():
+    if not bench_util.peak_memory_supported():
         return float("nan")  # not Linux: not measured
     if args.quick:  # a smoke run: in this process, not a figure to report
         return memory_worker(args, method)["peak_mib"]
-    return run_worker(__file__, ["--memory-worker", method, *sys_args(args)], fused_bptt.__file__)[
-        "peak_mib"
-    ]
+    return bench_util.run_worker(
+        __file__, ["--memory-worker", method, *sys_args(args)], fused_bptt.__file__
+    )["peak_mib"]
 
 
 def sys_args(args):
@@ -361,26 +347,16 @@ def plot(path, args, rows, curves):
         f"B={args.streams} streams x N={args.length} steps, H={args.hidden}", fontsize=9
     )
     cost_ax.set_xlim(0.01, 30 * max(r["peak_mib"] for r in rows))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    bench_util.save_figure(fig, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bench_util.set_threads(args.threads)
     if args.memory_worker:
-        result = memory_worker(args, args.memory_worker)
-        print(json.dumps(result))
-        return result
-    if "cpp" not in available_backends():
-        raise SystemExit(
-            f"long_range: FusedRNN would run the slow reference backend (backends "
-            f"here: {available_backends()}); install the package with its kernels"
-        )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        return bench_util.worker_result(memory_worker(args, args.memory_worker))
+    bench_util.require_cpp_backend("long_range")
+    out = bench_util.output_folder(args.out)
     start = time.perf_counter()
     header = (
         f"fused_bptt long-range demo: recall the last cue, L={args.lag}, P={args.period}, "
@@ -422,13 +398,13 @@ def main(argv=None):
             "had); peak_mib: peak RSS above the start of one update, fresh process per method "
             "(TBPTT: the largest of a batch's updates); plain: one full BPTT update over the same "
             "streams, measured, not trained",
-            format_table(rows, float_format=".4g"),
+            bench_util.format_table(rows, float_format=".4g"),
             f"took {time.perf_counter() - start:.0f} s",
         ]
     )
     print("\n" + text)
-    write_csv(out / "long_range.csv", rows)
-    write_csv(out / "long_range_curves.csv", curves)
+    bench_util.write_csv(out / "long_range.csv", rows)
+    bench_util.write_csv(out / "long_range_curves.csv", curves)
     (out / "long_range.txt").write_text(text + "\n")
     plot(out / "long_range.png", args, rows, curves)
     print(f"wrote long_range.csv, long_range_curves.csv, long_range.txt, long_range.png to {out}")

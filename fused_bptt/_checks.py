@@ -69,6 +69,29 @@ def check_backward_args(grad_y, x, h0, weight_ih, weight_hh, y, grad_h_n=None) -
         _check_tensor("grad_h_n", grad_h_n, (B, H), x)
 
 
+def _check_boundary(name, t, dtype, layout, shape, meaning, x) -> None:
+    """t (resets or lengths) must be a `dtype` tensor of `shape` (`layout` names its dims) on x's
+    device; `meaning` says what its values are."""
+    kind = f"{'an' if dtype == torch.int64 else 'a'} {str(dtype).replace('torch.', '')}"
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            f"fused_bptt: {name} must be {kind} Tensor {layout}, but got {type(t).__name__}"
+        )
+    if t.dtype != dtype:
+        raise TypeError(
+            f"fused_bptt: {name} must be {kind} tensor {layout} ({meaning}), but got dtype "
+            f"{t.dtype}"
+        )
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"fused_bptt: {name} must have shape {layout} = {shape}, but got {tuple(t.shape)}"
+        )
+    if t.device != x.device:
+        raise ValueError(
+            f"fused_bptt: {name} must be on {x.device} (the device of x), but is on {t.device}"
+        )
+
+
 def check_boundaries(x, resets=None, lengths=None, *, values: bool = True) -> None:
     """resets: bool [T, B]; lengths: int64 [B] with values in 1..T, both on x's device.
 
@@ -76,45 +99,11 @@ def check_boundaries(x, resets=None, lengths=None, *, values: bool = True) -> No
     tensors, and a device sync on CUDA that the C++ kernels do anyway)."""
     T, B = x.shape[0], x.shape[1]
     if resets is not None:
-        if not isinstance(resets, Tensor):
-            raise TypeError(
-                f"fused_bptt: resets must be a bool Tensor [T, B], but got {type(resets).__name__}"
-            )
-        if resets.dtype != torch.bool:
-            raise TypeError(
-                f"fused_bptt: resets must be a bool tensor [T, B] (true where the "
-                f"state entering step t of row b is zero), but got dtype "
-                f"{resets.dtype}"
-            )
-        if tuple(resets.shape) != (T, B):
-            raise ValueError(
-                f"fused_bptt: resets must have shape [T, B] = {(T, B)}, but got "
-                f"{tuple(resets.shape)}"
-            )
-        if resets.device != x.device:
-            raise ValueError(
-                f"fused_bptt: resets must be on {x.device} (the device of x), but "
-                f"is on {resets.device}"
-            )
+        meaning = "true where the state entering step t of row b is zero"
+        _check_boundary("resets", resets, torch.bool, "[T, B]", (T, B), meaning, x)
     if lengths is not None:
-        if not isinstance(lengths, Tensor):
-            raise TypeError(
-                f"fused_bptt: lengths must be an int64 Tensor [B], but got {type(lengths).__name__}"
-            )
-        if lengths.dtype != torch.int64:
-            raise TypeError(
-                f"fused_bptt: lengths must be an int64 tensor [B] (the number of "
-                f"valid steps of each row), but got dtype {lengths.dtype}"
-            )
-        if tuple(lengths.shape) != (B,):
-            raise ValueError(
-                f"fused_bptt: lengths must have shape [B] = {(B,)}, but got {tuple(lengths.shape)}"
-            )
-        if lengths.device != x.device:
-            raise ValueError(
-                f"fused_bptt: lengths must be on {x.device} (the device of x), but "
-                f"is on {lengths.device}"
-            )
+        meaning = "the number of valid steps of each row"
+        _check_boundary("lengths", lengths, torch.int64, "[B]", (B,), meaning, x)
         if values and B > 0:
             lo, hi = int(lengths.min()), int(lengths.max())
             if lo < 1 or hi > T:
@@ -122,3 +111,22 @@ def check_boundaries(x, resets=None, lengths=None, *, values: bool = True) -> No
                     f"fused_bptt: lengths must lie in 1..T = 1..{T}, but got values "
                     f"from {lo} to {hi}"
                 )
+
+
+def check_bool_layout(who, name, t, layout, expected, like, like_name, meaning="") -> None:
+    """t must be a bool tensor of shape `expected` (`layout` names its dims, as the caller lays
+    out `like`) on like's device: FusedRNN's resets, StatefulTBPTT's boundaries. `meaning`, when
+    given, is appended to the layout in the dtype error ("..., true where ...")."""
+    if not isinstance(t, Tensor) or t.dtype != torch.bool:
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{who}: {name} must be a bool tensor {layout}{meaning}, but got {got}")
+    if tuple(t.shape) != expected:
+        raise ValueError(
+            f"{who}: {name} must have shape {layout} = {expected} for {like_name} of shape "
+            f"{tuple(like.shape)}, but got {tuple(t.shape)}"
+        )
+    if t.device != like.device:
+        raise ValueError(
+            f"{who}: {name} must be on {like.device} (the device of {like_name}), but is on "
+            f"{t.device}"
+        )

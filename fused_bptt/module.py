@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ._checks import check_boundaries
+from ._checks import check_bool_layout, check_boundaries
 from .export import onnx_export_active, onnx_forward
 from .function import check_backend_name, layer_forward, resolve_backend
 
@@ -330,21 +330,7 @@ def _resets_time_major(resets, input: Tensor, batch_first: bool) -> Tensor:
     B = input.shape[0 if batch_first else 1] if batched else None
     layout = "[B, T]" if batch_first and batched else "[T, B]" if batched else "[T]"
     expected = (B, T) if batch_first and batched else (T, B) if batched else (T,)
-    if not isinstance(resets, Tensor) or resets.dtype != torch.bool:
-        raise TypeError(
-            f"FusedRNN: resets must be a bool tensor {layout}, but got "
-            f"{resets.dtype if isinstance(resets, Tensor) else type(resets).__name__}"
-        )
-    if tuple(resets.shape) != expected:
-        raise ValueError(
-            f"FusedRNN: resets must have shape {layout} = {expected} for input of "
-            f"shape {tuple(input.shape)}, but got {tuple(resets.shape)}"
-        )
-    if resets.device != input.device:
-        raise ValueError(
-            f"FusedRNN: resets must be on {input.device} (the device of input), but "
-            f"is on {resets.device}"
-        )
+    check_bool_layout("FusedRNN", "resets", resets, layout, expected, input, "input")
     if not batched:
         return resets.unsqueeze(1)
     return resets.t() if batch_first else resets

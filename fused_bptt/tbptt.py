@@ -30,6 +30,8 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Uni
 import torch
 from torch import Tensor
 
+from ._checks import check_bool_layout
+
 __all__ = ["Chunk", "batchify", "StatefulTBPTT", "StatelessTBPTT"]
 
 # A recurrent state: a tensor whose dim -2 is the batch (nn.RNN's [L*D, B, H], or [B, H]),
@@ -124,22 +126,8 @@ def _check_boundary_stream(
     else:
         layout = "[B, T] (batch_first, like x)" if batch_first else "[T, B] (like x)"
         expected = tuple(x.shape[:2])
-    if not isinstance(boundaries, Tensor) or boundaries.dtype != torch.bool:
-        got = boundaries.dtype if isinstance(boundaries, Tensor) else type(boundaries).__name__
-        raise TypeError(
-            f"{who}: boundaries must be a bool tensor {layout}, true where a new "
-            f"document starts, but got {got}"
-        )
-    if tuple(boundaries.shape) != expected:
-        raise ValueError(
-            f"{who}: boundaries must have shape {layout} = {expected} for x of "
-            f"shape {tuple(x.shape)}, but got {tuple(boundaries.shape)}"
-        )
-    if boundaries.device != x.device:
-        raise ValueError(
-            f"{who}: boundaries must be on {x.device} (the device of x), but is "
-            f"on {boundaries.device}"
-        )
+    meaning = ", true where a new document starts"
+    check_bool_layout(who, "boundaries", boundaries, layout, expected, x, "x", meaning)
 
 
 class StatefulTBPTT:

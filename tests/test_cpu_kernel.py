@@ -11,7 +11,7 @@ Paths, chosen through environment variables the ops read on every call:
 import pytest
 import torch
 
-from conftest import GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
+from conftest import CPU, GRAD_NAMES, assert_close, compare_to_reference, make_layer_inputs
 from fused_bptt import _ops, reference
 
 pytestmark = pytest.mark.skipif(
@@ -19,26 +19,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 ops = torch.ops.fused_bptt if _ops.loaded() else None
-
-GEMM_MODES = ["auto", "aten", "blas"]
-# The instruction sets this CPU can run, widest first (torch names its own dispatch level).
-_CAPABILITY = torch.backends.cpu.get_cpu_capability()
-ISAS = {"AVX512": ["avx512", "avx2", "sse2"], "AVX2": ["avx2", "sse2"]}.get(_CAPABILITY, ["sse2"])
-
-# (T, B, I, H): T = 1 and B = 1, I != H, and H around the vector widths (4/8/16 lanes, column
-# blocks of 8..64) so that full tiles, single vectors and scalar tail columns all run.
-SHAPES = [
-    (1, 1, 1, 1),
-    (1, 3, 5, 17),
-    (4, 1, 3, 65),
-    (6, 5, 17, 3),
-    (3, 6, 65, 17),
-    (5, 4, 8, 33),
-    (3, 9, 4, 70),
-]
-# Big enough (T * B * H * H >= 2^18, B = 2 register tiles) for the recurrence to split its batch
-# rows over two threads; H = 130 > 128 also runs the k-chunked tiles.
-PARALLEL_SHAPE = (5, 8, 7, 130)
 
 
 def check_against_reference(shape, dtype, relu, bias=True, grad_h_n=False):
@@ -54,19 +34,19 @@ def check_against_reference(shape, dtype, relu, bias=True, grad_h_n=False):
     )
 
 
-@pytest.mark.parametrize("mode", GEMM_MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode", CPU.gemm_modes)
+@pytest.mark.parametrize("shape", CPU.shapes, ids=str)
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_matches_reference(monkeypatch, mode, shape, relu, dtype):
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
     check_against_reference(shape, dtype, relu, grad_h_n=True)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", CPU.isas)
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_every_instruction_set(monkeypatch, isa, relu, dtype):
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
-    for shape in [(4, 5, 3, 70), PARALLEL_SHAPE]:
+    for shape in [(4, 5, 3, 70), CPU.parallel_shape]:
         check_against_reference(shape, dtype, relu, bias=True)
 
 
@@ -105,14 +85,14 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("mode", CPU.gemm_modes)
 def test_same_result_for_any_thread_count(monkeypatch, restore_threads, mode):
     """One thread or two: float64 results agree to rounding (the recurrence itself bitwise)."""
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        y, grads = check_against_reference(PARALLEL_SHAPE, torch.float64, relu=False)
+        y, grads = check_against_reference(CPU.parallel_shape, torch.float64, relu=False)
         results.append((y, *grads))
     for name, a, b in zip(("y",) + GRAD_NAMES, *results):
         torch.testing.assert_close(
@@ -120,11 +100,11 @@ def test_same_result_for_any_thread_count(monkeypatch, restore_threads, mode):
         )
 
 
-@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("mode", CPU.gemm_modes)
 def test_backward_is_deterministic(monkeypatch, mode):
     """Two backward calls on the same inputs give the same bits."""
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
-    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*PARALLEL_SHAPE, torch.float32)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*CPU.parallel_shape, torch.float32)
     y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
     grad_y = torch.randn_like(y)
     first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)

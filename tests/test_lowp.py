@@ -18,7 +18,14 @@ import pytest
 import torch
 
 import fused_bptt
-from conftest import LOW_PRECISION_DTYPES, assert_close, make_layer_inputs
+from conftest import (
+    CPU,
+    GRAD_NAMES,
+    LAYER_GRAD_NAMES,
+    LOW_PRECISION_DTYPES,
+    assert_close,
+    make_layer_inputs,
+)
 from fused_bptt import _ops, reference
 
 pytestmark = pytest.mark.skipif(
@@ -39,24 +46,10 @@ def _load_accuracy_script():
 accuracy = _load_accuracy_script()
 
 
-_CAPABILITY = torch.backends.cpu.get_cpu_capability()
-ISAS = {"AVX512": ["avx512", "avx2", "sse2"], "AVX2": ["avx2", "sse2"]}.get(_CAPABILITY, ["sse2"])
-GEMM_MODES = ["auto", "aten", "blas"]
-NAMES = ("y", "dx", "dh0", "dW_ih", "dW_hh", "db")
+NAMES = ("y",) + GRAD_NAMES
 # Normwise bounds against float64 for the small shapes: a few roundings to the dtype.
 BOUNDS = {torch.bfloat16: 1.2e-2, torch.float16: 1.5e-3}
-# (T, B, I, H): T = 1 and B = 1, H around the vector widths (full tiles, single vectors, scalar
-# tail columns), H > 128 (k chunks), I != H.
-SHAPES = [
-    (1, 1, 1, 1),
-    (1, 3, 5, 17),
-    (4, 1, 3, 65),
-    (6, 5, 17, 3),
-    (3, 6, 65, 17),
-    (5, 4, 8, 33),
-    (3, 9, 4, 70),
-    (5, 8, 7, 130),
-]
+SHAPES = CPU.shapes + [CPU.parallel_shape]  # and H = 130 > 128: the k-chunked tiles
 dtype_ids = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
 
@@ -108,7 +101,7 @@ def check_against_reference(shape, dtype, relu, bias=True):
 
 
 # Every instruction set with the default GEMMs, every GEMM path with the widest instruction set.
-PATHS = [(isa, "auto") for isa in ISAS] + [(ISAS[0], mode) for mode in GEMM_MODES[1:]]
+PATHS = [(isa, "auto") for isa in CPU.isas] + [(CPU.isas[0], mode) for mode in CPU.gemm_modes[1:]]
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
@@ -151,7 +144,7 @@ def _exact_grid(shape, g, dtype, step=2.0**-6, top=8):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", CPU.isas)
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_state_is_rounded_once_per_step(monkeypatch, dtype, isa, relu):
     """The design, bit for bit: each step computes in float32 and rounds y_t (the carried state)
@@ -176,7 +169,7 @@ def test_state_is_rounded_once_per_step(monkeypatch, dtype, isa, relu):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", CPU.isas)
 def test_one_step_backward_is_the_float32_one_rounded(monkeypatch, dtype, isa):
     """With T = 1 the backward is float32 arithmetic on the dtype's numbers, each gradient
     rounded once: the float32 op's gradients, rounded to the dtype, bit for bit."""
@@ -199,7 +192,7 @@ def test_one_step_backward_is_the_float32_one_rounded(monkeypatch, dtype, isa):
 def test_saturation_and_nan(monkeypatch):
     """tanh of large pre-activations is exactly +-1 and relu passes a NaN on, in every dtype and
     on every instruction set (the rounding keeps both)."""
-    for isa in ISAS:
+    for isa in CPU.isas:
         monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
         for dtype in LOW_PRECISION_DTYPES:
             x = torch.tensor([[[40.0]], [[-40.0]]], dtype=dtype)
@@ -240,7 +233,7 @@ def check_criterion(dtype, shape, relu=False):
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("shape", accuracy.SHAPES, ids=lambda s: "/".join(map(str, s)))
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", CPU.isas)
 def test_error_at_most_1_5x_nn_rnn_on_every_instruction_set(monkeypatch, dtype, shape, isa):
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
     check_criterion(dtype, shape)
@@ -279,7 +272,7 @@ def test_resets_and_lengths(monkeypatch, dtype, isa, mode, shape):
     padded = torch.arange(T)[:, None] >= lengths[None, :]
     assert (y[padded] == 0).all()
     assert torch.equal(h_n, y[lengths - 1, torch.arange(B)])
-    names = ("y", "dx", "dh0", "dW_ih", "dW_hh", "db_ih", "db_hh")
+    names = ("y",) + LAYER_GRAD_NAMES
     errs = relative_errors(
         [y, *grads_of((y, h_n), args)],
         [y_ref, *grads_of((y_ref.to(dtype), h_ref.to(dtype)), ref_in)],
@@ -306,7 +299,7 @@ def test_opcheck(dtype, bias):
     )
 
 
-@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("mode", CPU.gemm_modes)
 def test_bf16_is_deterministic(monkeypatch, mode):
     """Two calls on the same inputs give the same bits, forward and backward."""
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
@@ -318,7 +311,7 @@ def test_bf16_is_deterministic(monkeypatch, mode):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
-@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("mode", CPU.gemm_modes)
 def test_strided_inputs_and_gradients(monkeypatch, dtype, mode):
     """Strided x and weights, and grad_y as autograd hands it over (transposed, expanded, rows
     sliced out of a wider tensor), give the bits of the contiguous call."""

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 import fused_bptt
-from conftest import assert_close
+from conftest import assert_close, device_of
 from fused_bptt import FusedRNN, swap_rnn
 
 BACKENDS = [b for b in fused_bptt.available_backends()]
+CONFIG_NAMES = ("num_layers", "bias", "batch_first", "bidirectional", "nonlinearity")
 CONFIGS = list(
     itertools.product([1, 2], [True, False], [False, True], [False, True], ["tanh", "relu"])
 )
@@ -41,23 +42,27 @@ def _grads(module, x, h0, gy, ghn):
     return out, hn, grads
 
 
+def _assert_matches_nn_rnn(ref, fused, x, h0, gy, ghn):
+    """FusedRNN's output, h_n and the gradients of the loss sum(out * gy) + sum(h_n * ghn) for the
+    input, hx and every parameter, against nn.RNN's with the same weights."""
+    out_r, hn_r, g_r = _grads(ref, x, h0, gy, ghn)
+    out_f, hn_f, g_f = _grads(fused, x, h0, gy, ghn)
+    assert out_f.shape == out_r.shape and hn_f.shape == hn_r.shape
+    assert_close(out_f, out_r, name="output")
+    assert_close(hn_f, hn_r, name="h_n")
+    names = ["input", "hx"] + [n for n, _ in ref.named_parameters()]
+    assert len(g_f) == len(g_r) == len(names)
+    for name, a, b in zip(names, g_f, g_r):
+        assert_close(a, b, name=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_matches_nn_rnn_float64(config, backend):
-    layers, bias, batch_first, bidir, nl = config
-    device = "cuda" if backend == "cuda" else "cpu"
-    ref, fused = _pair(
-        torch.float64,
-        device,
-        backend,
-        input_size=3,
-        hidden_size=5,
-        num_layers=layers,
-        nonlinearity=nl,
-        bias=bias,
-        batch_first=batch_first,
-        bidirectional=bidir,
-    )
+    layers, _, batch_first, bidir, _ = config
+    device = device_of(backend)
+    options = dict(zip(CONFIG_NAMES, config))
+    ref, fused = _pair(torch.float64, device, backend, input_size=3, hidden_size=5, **options)
     T, B, D = 7, 4, 2 if bidir else 1
     g = torch.Generator().manual_seed(1)
 
@@ -68,37 +73,18 @@ def test_matches_nn_rnn_float64(config, backend):
     h0 = randn(layers * D, B, 5)
     gy = randn(*x.shape[:2], 5 * D)
     ghn = randn(layers * D, B, 5)
-    out_r, hn_r, g_r = _grads(ref, x, h0, gy, ghn)
-    out_f, hn_f, g_f = _grads(fused, x, h0, gy, ghn)
-    assert out_f.shape == out_r.shape and hn_f.shape == hn_r.shape
-    assert_close(out_f, out_r, name="output")
-    assert_close(hn_f, hn_r, name="h_n")
-    names = ["input", "hx"] + [n for n, _ in ref.named_parameters()]
-    for name, a, b in zip(names, g_f, g_r):
-        assert_close(a, b, name=name)
+    _assert_matches_nn_rnn(ref, fused, x, h0, gy, ghn)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_nn_rnn_float32(backend):
-    device = "cuda" if backend == "cuda" else "cpu"
-    ref, fused = _pair(
-        torch.float32,
-        device,
-        backend,
-        input_size=16,
-        hidden_size=32,
-        num_layers=2,
-        bidirectional=True,
-    )
+    device = device_of(backend)
+    options = dict(input_size=16, hidden_size=32, num_layers=2, bidirectional=True)
+    ref, fused = _pair(torch.float32, device, backend, **options)
     x = torch.randn(20, 6, 16, device=device)
     h0 = torch.zeros(4, 6, 32, device=device)
     gy, ghn = torch.randn(20, 6, 64, device=device), torch.randn(4, 6, 32, device=device)
-    out_r, hn_r, g_r = _grads(ref, x, h0, gy, ghn)
-    out_f, hn_f, g_f = _grads(fused, x, h0, gy, ghn)
-    assert_close(out_f, out_r, name="output")
-    assert_close(hn_f, hn_r, name="h_n")
-    for a, b in zip(g_f, g_r):
-        assert_close(a, b)
+    _assert_matches_nn_rnn(ref, fused, x, h0, gy, ghn)
 
 
 def test_same_parameters_and_initialisation_as_nn_rnn():

@@ -5,13 +5,20 @@ import pytest
 import torch
 
 import fused_bptt
-from conftest import assert_close, compiled_backends, device_of, make_layer_inputs
-from fused_bptt import _ops, reference
+from conftest import (
+    LAYER_GRAD_NAMES,
+    assert_all_close,
+    compare_to_reference,
+    compiled_backends,
+    device_of,
+    make_layer_inputs,
+)
+from fused_bptt import _ops
 from fused_bptt.function import RNNLayerFunction, rnn_layer
 
 BACKENDS = compiled_backends()
 SHAPES = [(1, 1, 1, 1), (1, 3, 4, 5), (5, 2, 3, 4), (17, 5, 7, 33), (40, 3, 16, 70)]
-NAMES = ["dx", "dh0", "dW_ih", "dW_hh", "db_ih", "db_hh"]
+ops = torch.ops.fused_bptt
 
 
 def test_cpp_backend_is_loaded():
@@ -21,16 +28,31 @@ def test_cpp_backend_is_loaded():
     assert fused_bptt.available_backends()[-1] == "reference"
 
 
-def _loss_and_grads(backend, x, h0, w_ih, w_hh, b_ih, b_hh, relu, gy, ghn):
-    leaves = [
-        t.detach().clone().requires_grad_()
-        for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
-        if t is not None
-    ]
-    args = leaves if b_ih is not None else leaves + [None, None]
-    y, hn = rnn_layer(*args, relu=relu, backend=backend)
-    grads = torch.autograd.grad((y * gy).sum() + (hn * ghn).sum(), leaves)
-    return y, hn, grads
+def through_autograd(backend):
+    """(forward, backward) for compare_to_reference that run rnn_layer, the path users take, and
+    differentiate it with autograd instead of calling the raw ops: backward returns the gradients
+    of the layer's inputs (LAYER_GRAD_NAMES). h_n must be y[T-1], bit for bit."""
+    graph = {}
+
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu):
+        args = [
+            None if t is None else t.detach().clone().requires_grad_()
+            for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
+        ]
+        y, h_n = rnn_layer(*args, relu=relu, backend=backend)
+        assert torch.equal(h_n, y[-1]), "h_n is not y[T-1]"
+        graph.update(args=args, y=y, h_n=h_n)
+        return y.detach()
+
+    def backward(grad_y, x, h0, w_ih, w_hh, y, relu, grad_h_n):
+        outputs, grads = [graph["y"]], [grad_y]
+        if grad_h_n is not None:
+            outputs, grads = outputs + [graph["h_n"]], grads + [grad_h_n]
+        leaves = [t for t in graph["args"] if t is not None]
+        found = iter(torch.autograd.grad(outputs, leaves, grads))
+        return tuple(None if t is None else next(found) for t in graph["args"])
+
+    return forward, backward
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -38,40 +60,22 @@ def _loss_and_grads(backend, x, h0, w_ih, w_hh, b_ih, b_hh, relu, gy, ghn):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("T,B,I,H", SHAPES)
 def test_backend_matches_reference(backend, dtype, T, B, I, H, bias, relu):
-    device = device_of(backend)
-    inputs = make_layer_inputs(T, B, I, H, dtype, device, bias=bias, seed=T * 100 + H)
-    g = torch.Generator().manual_seed(1)
-    gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-    ghn = torch.randn(B, H, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-    y, hn, grads = _loss_and_grads(backend, *inputs, relu, gy, ghn)
-    # The oracle runs in float64 on the very same (possibly float32-rounded) numbers.
-    up = [t.double() if t is not None else None for t in inputs]
-    y_ref, hn_ref, grads_ref = _loss_and_grads("reference", *up, relu, gy.double(), ghn.double())
-    assert y.dtype == dtype and y.device.type == device
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(hn, hn_ref, dtype, "h_n")
-    for name, a, b in zip(NAMES, grads, grads_ref):
-        assert a.dtype == dtype, name
-        assert_close(a, b, dtype, name)
+    """y, h_n and every gradient through autograd, with y and h_n both in the loss."""
+    inputs = make_layer_inputs(T, B, I, H, dtype, device_of(backend), bias=bias, seed=T * 100 + H)
+    compare_to_reference(*through_autograd(backend), inputs, relu, grad_h_n=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_raw_ops_match_reference(backend, relu):
-    device = device_of(backend)
-    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(6, 3, 4, 5, torch.float64, device)
-    y = torch.ops.fused_bptt.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
-    assert_close(y, reference.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu), name="y")
-    gy = torch.randn_like(y)
-    got = torch.ops.fused_bptt.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu)
-    want = reference.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu)
-    for name, a, b in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], got, want):
-        assert_close(a, b, name=name)
+    inputs = make_layer_inputs(6, 3, 4, 5, torch.float64, device_of(backend))
+    compare_to_reference(ops.rnn_forward, ops.rnn_backward, inputs, relu)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    """Strided views (sliced out of wider tensors, transposed) give the contiguous answer."""
+    """Strided views (sliced out of wider tensors, transposed) and a strided grad_y give the
+    contiguous answer: rnn_layer's forward, then the backward op."""
     device = device_of(backend)
     T, B, I, H = 6, 3, 4, 5
     x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, torch.float64, device)
@@ -81,17 +85,15 @@ def test_non_contiguous_inputs(backend):
     batch_major = x.transpose(0, 1).contiguous().transpose(0, 1)
     w_hh_t = w_hh.t().contiguous().t()
     wide_b = torch.stack([b_ih, b_hh], 1)
+
+    def forward(*args):
+        return rnn_layer(*args[:6], relu=args[6], backend=backend)[0]
+
     for xs in (x_strided, batch_major):
         assert not xs.is_contiguous()
-        args = (xs, h0, w_ih, w_hh_t, wide_b[:, 0], wide_b[:, 1])
-        y, hn = rnn_layer(*args, backend=backend)
-        y_ref, hn_ref = rnn_layer(*args, backend="reference")
-        assert_close(y, y_ref, name="y")
         gy = torch.randn(B, T, H, dtype=x.dtype, device=device).transpose(0, 1)  # strided grad
-        got = torch.ops.fused_bptt.rnn_backward(gy, xs, h0, w_ih, w_hh_t, y, False)
-        want = reference.rnn_backward(gy, x, h0, w_ih, w_hh, y_ref, False)
-        for name, a, b in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], got, want):
-            assert_close(a, b, name=name)
+        inputs = (xs, h0, w_ih, w_hh_t, wide_b[:, 0], wide_b[:, 1])
+        compare_to_reference(forward, ops.rnn_backward, inputs, False, grad_y=gy)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,22 +105,21 @@ def test_backward_strided_grads_and_grad_h_n(backend, gemm, relu, monkeypatch):
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", gemm)
     device = device_of(backend)
     T, B, I, H = 5, 6, 3, 7
-    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, torch.float64, device, seed=4)
-    y = torch.ops.fused_bptt.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
-    g = torch.randn(T, 2 * B, H, dtype=x.dtype, device=device)
+    inputs = make_layer_inputs(T, B, I, H, torch.float64, device, seed=4)
+    g = torch.randn(T, 2 * B, H, dtype=torch.float64, device=device)
     grads = {
-        "transposed": torch.randn(B, T, H, dtype=x.dtype, device=device).transpose(0, 1),
-        "expanded": torch.ones(1, 1, 1, dtype=x.dtype, device=device).expand(T, B, H),
+        "transposed": torch.randn(B, T, H, dtype=torch.float64, device=device).transpose(0, 1),
+        "expanded": torch.ones(1, 1, 1, dtype=torch.float64, device=device).expand(T, B, H),
         "sliced rows": g[:, ::2],
     }
-    grad_h_n = torch.randn(B, H, dtype=x.dtype, device=device)
+    grad_h_n = torch.randn(B, H, dtype=torch.float64, device=device)
     for name, gy in grads.items():
         assert not gy.is_contiguous(), name
-        for gh in (None, grad_h_n):
-            got = torch.ops.fused_bptt.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu, gh)
-            want = reference.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu, gh)
-            for what, a, b in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], got, want):
-                assert_close(a, b, name=f"{name}, grad_h_n={gh is not None}: {what}")
+        for gh in (False, grad_h_n):
+            label = f"{name}, grad_h_n={gh is not False}:"
+            compare_to_reference(
+                ops.rnn_forward, ops.rnn_backward, inputs, relu, gh, grad_y=gy, label=label
+            )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -226,5 +227,5 @@ def test_gradients_when_only_some_outputs_are_used(backend, used):
         ]
         return torch.autograd.grad(loss, leaves)
 
-    for name, a, b in zip(NAMES, grads(backend), grads("reference")):
-        assert_close(a, b, name=name)
+    want = [g.cpu() for g in grads("reference")]
+    assert_all_close(LAYER_GRAD_NAMES, grads(backend), want, like=inputs[0], label=used)

@@ -64,46 +64,34 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   const scalar_t* h0p = h0.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   auto h_prev = [&](int64_t t) { return t == 0 ? h0p : yp + (t - 1) * BH; };
-  auto zero_rows = [&](scalar_t* p, int64_t rows) { std::fill(p, p + rows * H, scalar_t(0)); };
 
   // y = x W_ih^T over all T*B rows at once.
   gemm<scalar_t>(mode, false, true, s.T * B, H, s.I, 1, x.data_ptr<scalar_t>(), s.I,
                  w_ih.data_ptr<scalar_t>(), s.I, 0, yp, H);
   if (use_blas_step<scalar_t>(mode, H)) {
     const scalar_t* whh = w_hh.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < s.T; ++t) {
-      scalar_t* yt = yp + t * BH;
-      const auto kind_of = [&](int64_t row) { return bounds.forward_kind(t, row); };
-      for_each_run(0, B, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
-        if (kind != RowKind::kCarry) return;
-        gemm<scalar_t>(mode, false, true, e - a, H, H, 1, h_prev(t) + a * H, H, whh, H, 1,
-                       yt + a * H, H);
-      });
-      parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
-        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
-          if (kind == RowKind::kPadded) return zero_rows(yt + a * H, e - a);
-          k.forward(nullptr, nullptr, nullptr, b, yt + a * H, e - a, 0, H, relu);
+    blas_recurrence</*kReverse=*/false>(
+        s, bounds, yp,
+        [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
+          if (kind != RowKind::kCarry) return;
+          gemm<scalar_t>(mode, false, true, e - a, H, H, 1, h_prev(t) + a * H, H, whh, H, 1,
+                         yp + t * BH + a * H, H);
+        },
+        [&](RowKind, int64_t t, int64_t a, int64_t e) {
+          k.forward(nullptr, nullptr, nullptr, b, yp + t * BH + a * H, e - a, 0, H, relu);
         });
-      });
-    }
     return;
   }
   // The tile wants w as [K, N] = W_hh^T; one H x H transpose per call.
   const at::Tensor w_t = w_hh.t().contiguous();
   const scalar_t* wt = w_t.data_ptr<scalar_t>();
   std::vector<scalar_t> part(BH);
-  parallel_rows(B, s.T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
-    for (int64_t t = 0; t < s.T; ++t) {
-      const auto kind_of = [&](int64_t row) { return bounds.forward_kind(t, row); };
-      for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
-        scalar_t* yt = yp + t * BH + a * H;
-        if (kind == RowKind::kPadded) return zero_rows(yt, e - a);
+  kernel_recurrence</*kReverse=*/false>(
+      s, bounds, yp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
         const bool carry = kind == RowKind::kCarry;
-        k.forward(carry ? h_prev(t) + a * H : nullptr, wt, part.data() + a * H, b, yt, e - a,
-                  carry ? H : 0, H, relu);
+        k.forward(carry ? h_prev(t) + a * H : nullptr, wt, part.data() + a * H, b,
+                  yp + t * BH + a * H, e - a, carry ? H : 0, H, relu);
       });
-    }
-  });
 }
 
 template <typename scalar_t>
@@ -148,47 +136,34 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
 
   // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
   if (use_blas_step<scalar_t>(mode, H)) {
-    for (int64_t t = T - 1; t >= 0; --t) {
-      scalar_t* dzt = dzp + t * BH;
-      const auto kind_of = [&](int64_t row) { return bounds.backward_kind(t, row); };
-      for (int64_t b = 0; b < B; ++b) {
-        const RowKind kind = kind_of(b);
-        if (kind == RowKind::kPadded) {
-          zero_rows(dzt + b * H, 1);
-        } else {
-          const scalar_t* g = grad_at(kind, t, b);
-          if (g != dzt + b * H) std::memcpy(dzt + b * H, g, sizeof(scalar_t) * H);
-        }
-      }
-      for_each_run(0, B, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
-        if (kind != RowKind::kCarry) return;
-        gemm<scalar_t>(mode, false, false, e - a, H, H, 1, dzt + BH + a * H, H, whh, H, 1,
-                       dzt + a * H, H);
-      });
-      parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
-        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+    // dz_t := the incoming gradient, += dz_{t+1} W_hh (one GEMM per run that carries), then the
+    // elementwise pass in place.
+    blas_recurrence</*kReverse=*/true>(
+        s, bounds, dzp,
+        [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
           if (kind == RowKind::kPadded) return;
-          const int64_t o = a * H;
-          k.backward(nullptr, nullptr, nullptr, dzt + o, H, yp + t * BH + o, dzt + o, e - a, 0,
-                     H, relu);
+          scalar_t* dzt = dzp + t * BH;
+          for (int64_t row = a; row < e; ++row) {
+            const scalar_t* g = grad_at(kind, t, row);
+            if (g != dzt + row * H) std::memcpy(dzt + row * H, g, sizeof(scalar_t) * H);
+          }
+          if (kind != RowKind::kCarry) return;
+          gemm<scalar_t>(mode, false, false, e - a, H, H, 1, dzt + BH + a * H, H, whh, H, 1,
+                         dzt + a * H, H);
+        },
+        [&](RowKind, int64_t t, int64_t a, int64_t e) {
+          const int64_t o = t * BH + a * H;
+          k.backward(nullptr, nullptr, nullptr, dzp + o, H, yp + o, dzp + o, e - a, 0, H, relu);
         });
-      });
-    }
   } else {
     std::vector<scalar_t> part(BH);
-    parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const auto kind_of = [&](int64_t row) { return bounds.backward_kind(t, row); };
-        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+    kernel_recurrence</*kReverse=*/true>(
+        s, bounds, dzp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
           const int64_t o = t * BH + a * H;
-          if (kind == RowKind::kPadded) return zero_rows(dzp + o, e - a);
           const bool carry = kind == RowKind::kCarry;
-          k.backward(carry ? dzp + o + BH : nullptr, whh, part.data() + a * H,
-                     grad_at(kind, t, a), grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H,
-                     relu);
+          k.backward(carry ? dzp + o + BH : nullptr, whh, part.data() + a * H, grad_at(kind, t, a),
+                     grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H, relu);
         });
-      }
-    });
   }
 
   // Everything else is one GEMM over all T*B rows (or a column sum), after the loop.
@@ -249,8 +224,7 @@ at::Tensor rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::
 
 RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0,
                           const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                          const at::Tensor& y, bool relu,
-                          const std::optional<at::Tensor>& grad_h_n,
+                          const at::Tensor& y, bool relu, const std::optional<at::Tensor>& grad_h_n,
                           const std::optional<at::Tensor>& resets,
                           const std::optional<at::Tensor>& lengths) {
   const RnnShape s = check_backward_inputs(grad_y, x, h0, weight_ih, weight_hh, y, grad_h_n);
@@ -278,8 +252,8 @@ RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
     backward_impl<scalar_t>(gy, ghn, x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
-                            weight_hh.contiguous(), y.contiguous(), s, relu, bounds, dx, dh0,
-                            dw_ih, dw_hh, db, /*grad_y_is_ours=*/!dense_rows);
+                            weight_hh.contiguous(), y.contiguous(), s, relu, bounds, dx, dh0, dw_ih,
+                            dw_hh, db, /*grad_y_is_ours=*/!dense_rows);
   });
   return {dx, dh0, dw_ih, dw_hh, db};
 }

@@ -1,7 +1,7 @@
 // rnn_cpu.h: what the float32/float64 (rnn_cpu.cpp) and bfloat16/float16 (rnn_cpu_lowp.cpp)
 // implementations of the CPU ops share: the size thresholds of their paths, the row split, the
-// sequence boundaries (resets, lengths), and the low-precision entry points that rnn_cpu.cpp
-// dispatches to. Shapes and math: rnn_cpu.cpp.
+// sequence boundaries (resets, lengths), the loops over time of both paths (step kernel, BLAS),
+// and the low-precision entry points that rnn_cpu.cpp dispatches to. Shapes and math: rnn_cpu.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -84,6 +84,58 @@ void for_each_run(int64_t r0, int64_t r1, const KindOf& kind_of, const Fn& fn) {
     while (e < r1 && kind_of(e) == kind) ++e;
     fn(kind, r0, e);
     r0 = e;
+  }
+}
+
+// The two loops over time of every op and dtype (rnn_cpu.cpp, rnn_cpu_lowp.cpp): kReverse = false
+// runs t = 0 .. T-1 (forward), true T-1 .. 0 (backward). At each step the rows fall into runs of
+// one RowKind (bounds); the rows of a padded run in out_t (out: y or dz, [T, B, H]) are zeroed,
+// every other run [a, e) of step t goes to the caller's callbacks as (kind, t, a, e).
+template <bool kReverse>
+RowKind kind_at(const Bounds& bounds, int64_t t, int64_t row) {
+  return kReverse ? bounds.backward_kind(t, row) : bounds.forward_kind(t, row);
+}
+
+// Rows [a, e) of out_t [B, H]: the output of a padded run.
+template <typename Out>
+void zero_run(Out* out_t, int64_t a, int64_t e, int64_t H) {
+  std::fill(out_t + a * H, out_t + e * H, Out(0));
+}
+
+// The step-kernel path: threads split the batch rows and each runs all T steps of its own rows
+// (no barrier per step); step(kind, t, a, e) runs the kernel on rows [a, e) of step t.
+template <bool kReverse, typename Out, typename Step>
+void kernel_recurrence(const RnnShape& s, const Bounds& bounds, Out* out, const Step& step) {
+  const int64_t T = s.T, H = s.H, BH = s.B * s.H;
+  parallel_rows(s.B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = 0; i < T; ++i) {
+      const int64_t t = kReverse ? T - 1 - i : i;
+      const auto kind_of = [&](int64_t row) { return kind_at<kReverse>(bounds, t, row); };
+      for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+        if (kind == RowKind::kPadded) return zero_run(out + t * BH, a, e, H);
+        step(kind, t, a, e);
+      });
+    }
+  });
+}
+
+// The BLAS path, step by step: first, on this thread, gemm(kind, t, a, e) for every run of the
+// step (the BLAS GEMM threads itself), then, threads splitting the rows, pass(kind, t, a, e) for
+// every run that is not padded: the fused elementwise pass.
+template <bool kReverse, typename Out, typename Gemm, typename Pass>
+void blas_recurrence(const RnnShape& s, const Bounds& bounds, Out* out, const Gemm& gemm,
+                     const Pass& pass) {
+  const int64_t T = s.T, B = s.B, H = s.H, BH = s.B * s.H;
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t t = kReverse ? T - 1 - i : i;
+    const auto kind_of = [&](int64_t row) { return kind_at<kReverse>(bounds, t, row); };
+    for_each_run(0, B, kind_of, [&](RowKind kind, int64_t a, int64_t e) { gemm(kind, t, a, e); });
+    parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
+      for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+        if (kind == RowKind::kPadded) return zero_run(out + t * BH, a, e, H);
+        pass(kind, t, a, e);
+      });
+    });
   }
 }
 

@@ -80,7 +80,6 @@ class Gemms {
     }
   }
 
-
  private:
   GemmMode mode_;
   bool float32_;
@@ -108,7 +107,6 @@ void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   S* yp = y.data_ptr<S>();
   const S* h0p = h0.data_ptr<S>();
   auto h_prev = [&](int64_t t) { return t == 0 ? h0p : yp + (t - 1) * BH; };
-  auto zero_rows = [&](S* p, int64_t rows) { std::fill(p, p + rows * H, S(0)); };
 
   at::Tensor xw = float_buffer(T * B, H, x);  // x W_ih^T over all T*B rows, float32
   float* xwp = xw.data_ptr<float>();
@@ -119,39 +117,31 @@ void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   if (use_blas_step<float>(mode, H)) {
     // h_{t-1} W_hh^T added into the projection of step t, then the elementwise pass (K = 0).
     Operand w(w_hh, H);
-    for (int64_t t = 0; t < T; ++t) {
-      float* xt = xwp + t * BH;
-      S* yt = yp + t * BH;
-      const auto kind_of = [&](int64_t row) { return bounds.forward_kind(t, row); };
-      Operand h(t == 0 ? h0 : y[t - 1], H);
-      for_each_run(0, B, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
-        if (kind == RowKind::kCarry) gemms(false, true, e - a, H, H, h, a * H, w, 0, 1, xt + a * H, H);
-      });
-      parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
-        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
-          if (kind == RowKind::kPadded) return zero_rows(yt + a * H, e - a);
-          k.forward(nullptr, nullptr, nullptr, bias.data(), xt + a * H, yt + a * H, e - a, 0, H,
-                    relu);
+    Operand h(h0, H);  // the state entering step h_step: made (and widened) once per step
+    int64_t h_step = 0;
+    blas_recurrence</*kReverse=*/false>(
+        s, bounds, yp,
+        [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
+          if (kind != RowKind::kCarry) return;
+          if (h_step != t) h = Operand(y[t - 1], H), h_step = t;
+          gemms(false, true, e - a, H, H, h, a * H, w, 0, 1, xwp + t * BH + a * H, H);
+        },
+        [&](RowKind, int64_t t, int64_t a, int64_t e) {
+          const int64_t o = t * BH + a * H;
+          k.forward(nullptr, nullptr, nullptr, bias.data(), xwp + o, yp + o, e - a, 0, H, relu);
         });
-      });
-    }
     return;
   }
   const at::Tensor w = widened(w_hh, /*transposed=*/true);  // the kernel's w = W_hh^T
   const float* wp = w.data_ptr<float>();
   std::vector<float> part(BH);
-  parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
-    for (int64_t t = 0; t < T; ++t) {
-      const auto kind_of = [&](int64_t row) { return bounds.forward_kind(t, row); };
-      for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+  kernel_recurrence</*kReverse=*/false>(
+      s, bounds, yp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
         const int64_t o = t * BH + a * H;
-        if (kind == RowKind::kPadded) return zero_rows(yp + o, e - a);
         const bool carry = kind == RowKind::kCarry;
         k.forward(carry ? h_prev(t) + a * H : nullptr, wp, part.data() + a * H, bias.data(),
                   xwp + o, yp + o, e - a, carry ? H : 0, H, relu);
       });
-    }
-  });
 }
 
 template <typename S>
@@ -182,47 +172,37 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   if (use_blas_step<float>(mode, H)) {
     const at::Tensor whh_wide = gemms.float32() ? widened(w_hh) : at::Tensor();
     std::vector<float> product(BH);  // dz_{t+1} W_hh, for the rows that carry
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const auto kind_of = [&](int64_t row) { return bounds.backward_kind(t, row); };
-      const float* dz_next = dzp + (t + 1) * BH;
-      for_each_run(0, B, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
-        if (kind != RowKind::kCarry) return;
-        if (gemms.float32()) {
-          gemm<float>(mode, false, false, e - a, H, H, 1.0f, dz_next + a * H, H,
-                      whh_wide.data_ptr<float>(), H, 0.0f, product.data() + a * H, H);
-        } else {  // the S operand the low-precision GEMM takes
-          const at::Tensor dz_s = dz.narrow(0, (t + 1) * B + a, e - a).to(y.scalar_type());
-          gemm_lowp<S>(mode, false, false, e - a, H, H, dz_s.data_ptr<S>(), H,
-                       w_hh.data_ptr<S>(), H, 0.0f, product.data() + a * H, H);
-        }
-      });
-      parallel_rows(B, BH >= kParallelMinElements, [&](int64_t r0, int64_t r1) {
-        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+    blas_recurrence</*kReverse=*/true>(
+        s, bounds, dzp,
+        [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
+          if (kind != RowKind::kCarry) return;
+          if (gemms.float32()) {
+            gemm<float>(mode, false, false, e - a, H, H, 1.0f, dzp + (t + 1) * BH + a * H, H,
+                        whh_wide.data_ptr<float>(), H, 0.0f, product.data() + a * H, H);
+          } else {  // the S operand the low-precision GEMM takes
+            const at::Tensor dz_s = dz.narrow(0, (t + 1) * B + a, e - a).to(y.scalar_type());
+            gemm_lowp<S>(mode, false, false, e - a, H, H, dz_s.data_ptr<S>(), H, w_hh.data_ptr<S>(),
+                         H, 0.0f, product.data() + a * H, H);
+          }
+        },
+        [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
           const int64_t o = t * BH + a * H;
-          if (kind == RowKind::kPadded) return zero_rows(dzp + o, e - a);
           const float* add = kind == RowKind::kCarry ? product.data() + a * H : addend(kind, a);
           k.backward(nullptr, nullptr, nullptr, gy + t * gy_t + a * gy_ld, gy_ld, add, yp + o,
                      dzp + o, e - a, 0, H, relu);
         });
-      });
-    }
   } else {
     const at::Tensor w = widened(w_hh);  // the kernel's w = W_hh
     const float* wp = w.data_ptr<float>();
     std::vector<float> part(BH);
-    parallel_rows(B, T * BH * H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const auto kind_of = [&](int64_t row) { return bounds.backward_kind(t, row); };
-        for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+    kernel_recurrence</*kReverse=*/true>(
+        s, bounds, dzp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
           const int64_t o = t * BH + a * H;
-          if (kind == RowKind::kPadded) return zero_rows(dzp + o, e - a);
           const bool carry = kind == RowKind::kCarry;
           k.backward(carry ? dzp + o + BH : nullptr, wp, part.data() + a * H,
                      gy + t * gy_t + a * gy_ld, gy_ld, addend(kind, a), yp + o, dzp + o, e - a,
                      carry ? H : 0, H, relu);
         });
-      }
-    });
   }
 
   // The GEMMs over all T*B rows accumulate into float32 buffers, rounded once into the outputs.
