@@ -11,6 +11,7 @@ Backends: "cuda" (CUDA tensors), "cpp" (CPU tensors), "reference" (pure PyTorch,
 "auto" takes the first of available_backends() that runs the given tensors.
 """
 
+import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -321,25 +322,18 @@ def rnn_layer(
 
 
 def _one_nonlinearity(name: str, relu: bool):
-    """rnn_tanh and rnn_relu: rnn_layer with the nonlinearity fixed."""
+    """rnn_tanh and rnn_relu: rnn_layer with the nonlinearity fixed; their signature is
+    rnn_layer's without `relu` (passing relu= to them is a TypeError)."""
 
-    def layer(
-        x: Tensor,
-        h0: Tensor,
-        weight_ih: Tensor,
-        weight_hh: Tensor,
-        bias_ih: Optional[Tensor] = None,
-        bias_hh: Optional[Tensor] = None,
-        *,
-        resets: Optional[Tensor] = None,
-        lengths: Optional[Tensor] = None,
-        backend: str = "auto",
-    ) -> Tuple[Tensor, Tensor]:
-        args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
-        return rnn_layer(*args, relu=relu, resets=resets, lengths=lengths, backend=backend)
+    def layer(*args, **kwargs) -> Tuple[Tensor, Tensor]:
+        return rnn_layer(*args, relu=relu, **kwargs)
 
-    act = "relu" if relu else "tanh"
+    signature = inspect.signature(rnn_layer)
+    layer.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != "relu"]
+    )
     layer.__name__ = layer.__qualname__ = name
+    act = "relu" if relu else "tanh"
     layer.__doc__ = (
         f"h_t = {act}(x_t W_ih^T + b_ih + h_{{t-1}} W_hh^T + b_hh) over T steps; returns "
         "(y, h_n).\n    resets / lengths: see the module docstring."
