@@ -26,6 +26,7 @@ Outputs under --out: memory.csv, memory_time.csv, memory.png, memory.txt.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -261,7 +262,8 @@ def main(argv=None):
     lines += [
         f"time: forward + backward, both methods alternately in one process per T, "
         f"median of {args.rounds} rounds after a warm-up; ratio = checkpointed / plain "
-        f"(min and max over rounds). Measured on a shared machine: provisional",
+        f"(min and max over rounds); load average at the end {os.getloadavg()[0]:.2f} (other "
+        f"processes on the cores distort the times)",
         bench_util.format_table(
             timing, ["T", "plain_s", "checkpointed_s", "ratio", "ratio_min", "ratio_max"], ".3f"
         ),
