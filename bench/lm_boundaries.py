@@ -51,17 +51,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import fused_bptt
-except ImportError as error:
-    raise SystemExit(
-        f"lm_boundaries: cannot import fused_bptt ({error}); install it with "
-        f"pip install --no-build-isolation . in the checkout"
-    ) from None
-from fused_bptt import FusedRNN, StatefulTBPTT, available_backends, batchify, train_tbptt
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_util  # noqa: E402
 from bench_util import format_table, write_csv  # noqa: E402
+
+fused_bptt = bench_util.import_fused_bptt("lm_boundaries")
+from fused_bptt import (  # noqa: E402
+    FusedRNN,
+    StatefulTBPTT,
+    available_backends,
+    batchify,
+    train_tbptt,
+)
 
 VARIANTS = ("alphabet", "unmarked", "text")
 LN2 = math.log(2)
