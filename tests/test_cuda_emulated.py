@@ -399,32 +399,24 @@ def test_emulated_boundary_errors_read_as_on_the_cpu(emu):
 # ---- ThreadSanitizer on the kernels, without torch ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tsan_binary():
+def build_tsan(name):
+    """Builds tests/emu/<name>.cpp with g++ -fsanitize=thread (no torch); returns the binary."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler for the ThreadSanitizer build")
     out_dir = os.path.join(BUILD_ROOT, "tsan")
     os.makedirs(out_dir, exist_ok=True)
-    exe = os.path.join(out_dir, "tsan_main")
-    cmd = [
-        cxx,
-        "-std=c++20",
-        "-O1",
-        "-g",
-        "-fsanitize=thread",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-        *EMU_WARNINGS,
-        f"-I{CSRC}",
-        os.path.join(EMU, "tsan_main.cpp"),
-        "-o",
-        exe,
-    ]
+    exe = os.path.join(out_dir, name)
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-Wall", "-Wextra", "-Werror"]
+    cmd += [*EMU_WARNINGS, f"-I{CSRC}", os.path.join(EMU, f"{name}.cpp"), "-o", exe]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"TSan build failed:\n{' '.join(cmd)}\n{done.stderr}"
     return exe
+
+
+@pytest.fixture(scope="module")
+def tsan_binary():
+    return build_tsan("tsan_main")
 
 
 def run_tsan(exe, mode):
