@@ -100,6 +100,21 @@ def _run(proto, args):
     return session.run(None, feeds)
 
 
+def _exported_pair(config, exporter, tmp_path, with_lengths=False):
+    """(nn.RNN, its FusedRNN, the FusedRNN exported, T and B dynamic) for a CONFIGS or
+    LENGTH_CONFIGS entry; with_lengths: exported inside _WithLengths, on padded input."""
+    layers, bidir, batch_first, nl, bias, with_hx = config
+    ref, fused = _pair(layers, bidir, batch_first, nl, bias)
+    if with_lengths:
+        args = _length_inputs(fused, 6, [4, 6, 1], with_hx, seed=1)
+        model, names = _WithLengths(fused).eval(), ("x", "lengths", "hx")
+    else:
+        args = _inputs(fused, *TRACE_SHAPE, with_hx, seed=1)
+        model, names = fused, ("x", "hx")
+    proto = _export(model, args, tmp_path / "rnn.onnx", exporter, batch_first, names=names)
+    return ref, fused, proto
+
+
 def _assert_standard_rnn_graph(proto, layers):
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("RNN") == layers, ops
@@ -113,15 +128,8 @@ def _assert_standard_rnn_graph(proto, layers):
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_export_runs_in_onnxruntime_like_nn_rnn(config, exporter, tmp_path):
-    layers, bidir, batch_first, nl, bias, with_hx = config
-    ref, fused = _pair(layers, bidir, batch_first, nl, bias)
-    proto = _export(
-        fused,
-        _inputs(fused, *TRACE_SHAPE, with_hx, seed=1),
-        tmp_path / "rnn.onnx",
-        exporter,
-        batch_first,
-    )
+    layers, _, _, nl, _, with_hx = config
+    ref, fused, proto = _exported_pair(config, exporter, tmp_path)
     _assert_standard_rnn_graph(proto, layers)
     rnn_nodes = [n for n in proto.graph.node if n.op_type == "RNN"]
     activations = {
@@ -233,16 +241,8 @@ def _assert_runs_like_nn_rnn_on_packed_input(proto, layers, ref, fused, with_hx)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("config", LENGTH_CONFIGS, ids=_config_id)
 def test_export_with_lengths_runs_like_nn_rnn_on_packed_input(config, exporter, tmp_path):
-    layers, bidir, batch_first, nl, bias, with_hx = config
-    ref, fused = _pair(layers, bidir, batch_first, nl, bias)
-    proto = _export(
-        _WithLengths(fused).eval(),
-        _length_inputs(fused, 6, [4, 6, 1], with_hx, seed=1),
-        tmp_path / "lengths.onnx",
-        exporter,
-        batch_first,
-        names=("x", "lengths", "hx"),
-    )
+    layers, _, _, _, _, with_hx = config
+    ref, fused, proto = _exported_pair(config, exporter, tmp_path, with_lengths=True)
     _assert_runs_like_nn_rnn_on_packed_input(proto, layers, ref, fused, with_hx)
 
 
