@@ -282,14 +282,18 @@ def test_emulated_errors(emu):
         emu.set_device(*device(4, path="fast"))
 
 
-def test_emulated_empty_batch(emu):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_emulated_empty_batch(emu, dtype):
+    """B = 0: the float and the bf16/fp16 launchers return zero gradients of the right shapes
+    (BackwardInputs in rnn_launch.h) without a kernel launch."""
     emu.set_device(*device(4))
-    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(3, 0, 2, 5, torch.float64)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(3, 0, 2, 5, dtype)
     y = emu.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
     assert y.shape == (3, 0, 5)
     dx, dh0, dw_ih, dw_hh, db = emu.rnn_backward(torch.zeros_like(y), x, h0, w_ih, w_hh, y, False)
-    assert dx.shape == x.shape and dh0.shape == h0.shape
+    assert dx.shape == x.shape and dh0.shape == h0.shape and db.shape == (5,)
     assert not dw_ih.any() and not dw_hh.any() and not db.any()
+    assert all(g.dtype == dtype for g in (dx, dh0, dw_ih, dw_hh, db))
 
 
 # ---- Sequence boundaries: resets [T, B] and lengths [B] (fused_bptt.h) -------------------------
