@@ -17,12 +17,6 @@
 #include "cuda/rnn_kernels_lowp.cuh"
 #include "host_boundaries.h"
 
-using fused_bptt::kernels_lowp::Bf16;
-using fused_bptt::kernels_lowp::LowpParams;
-using fused_bptt::kernels_lowp::lowp_smem_elements;
-using fused_bptt::kernels_lowp::rnn_backward_mma_kernel;
-using fused_bptt::kernels_lowp::rnn_forward_mma_kernel;
-
 namespace {
 
 using Bits = std::vector<uint16_t>;
@@ -105,20 +99,20 @@ double max_rel(const Bits& a, const Bits& b) {
   return err / scale;
 }
 
-}  // namespace
-
 // Runs both kernels on p; true when they agree with the naive loops.
 bool check(const Problem& p) {
+  namespace kl = fused_bptt::kernels_lowp;
   // 3 blocks of 8 units (the last owns 4 where H = 20), 2 warps each; rows staged 16 at a time.
-  const LowpParams params{p.T, p.B, p.H, 32, 8, 3, 16, false};
-  const size_t smem = lowp_smem_elements(params.J, params.b_tile, params.Kp) * 2;
+  const kl::LowpParams params{p.T, p.B, p.H, 32, 8, 3, 16, false};
+  const size_t smem = kl::lowp_smem_elements(params.J, params.b_tile, params.Kp) * 2;
+  const dim3 grid(params.slices), block(64);
   Bits y(p.proj), dz(p.proj.size(), 0xFFFF);
-  simt::launch_cooperative(&rnn_forward_mma_kernel<Bf16>, dim3(params.slices), dim3(64), smem,
-                           p.h0.data(), p.w.data(), p.bias.data(), y.data(),
-                           p.bd.resets_ptr(), p.bd.lengths_ptr(), params);
-  simt::launch_cooperative(&rnn_backward_mma_kernel<Bf16>, dim3(params.slices), dim3(64), smem,
-                           p.gy.data(), p.ghn.data(), p.w.data(), y.data(), dz.data(),
-                           p.bd.resets_ptr(), p.bd.lengths_ptr(), params);
+  simt::launch_cooperative(&kl::rnn_forward_mma_kernel<kl::Bf16>, grid, block, smem, p.h0.data(),
+                           p.w.data(), p.bias.data(), y.data(), p.bd.resets_ptr(),
+                           p.bd.lengths_ptr(), params);
+  simt::launch_cooperative(&kl::rnn_backward_mma_kernel<kl::Bf16>, grid, block, smem, p.gy.data(),
+                           p.ghn.data(), p.w.data(), y.data(), dz.data(), p.bd.resets_ptr(),
+                           p.bd.lengths_ptr(), params);
   // The naive backward from the kernels' own y: each is held to its own rounding.
   const double ey = max_rel(y, naive_forward(p)), edz = max_rel(dz, naive_backward(p, y));
   std::printf("lowp H=%d: max rel |y - naive| = %.3g, |dz - naive| = %.3g\n", p.H, ey, edz);
@@ -126,6 +120,8 @@ bool check(const Problem& p) {
   // relative), which the next steps carry on.
   return ey < 3e-2 && edz < 3e-2;
 }
+
+}  // namespace
 
 int main() {
   const bool scalar = check(make_problem(20)), vector = check(make_problem(24));
