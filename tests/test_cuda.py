@@ -414,7 +414,7 @@ def test_cuda_lowp_error_at_most_1_5x_nn_rnn(dtype, shape):
     """The issue's criterion on the GPU: the fused kernels' error against float64 (y: max
     relative, gradients: relative norm; bench/accuracy_lowp.py) <= 1.5x that of nn.RNN (cuDNN)
     in the same dtype, on the same numbers."""
-    from test_lowp import accuracy
+    from test_lowp import accuracy, assert_at_most_1_5x_nn_rnn
 
     rnn, x, h0, gy, ghn = accuracy.make_problem(dtype, *shape)
     want = accuracy.run_impl("reference", rnn, x, h0, gy, ghn)
@@ -425,13 +425,7 @@ def test_cuda_lowp_error_at_most_1_5x_nn_rnn(dtype, shape):
     y = ops.rnn_forward(x_c, h0_c, w_ih, w_hh, b_ih, b_hh, False)
     dx, dh0, dw_ih, dw_hh, db = ops.rnn_backward(gy_c, x_c, h0_c, w_ih, w_hh, y, False, ghn_c)
     got = [t.double().cpu() for t in (y, dx, dh0, dw_ih, dw_hh, db, db)]
-    errs = accuracy.errors(got, want)
-    bad = {
-        q: f"{errs[q]:.2e} vs nn.RNN {nn_errs[q]:.2e}"
-        for q in accuracy.QUANTITIES
-        if not errs[q] <= 1.5 * nn_errs[q]
-    }
-    assert not bad, f"{dtype} {shape}: error above 1.5x nn.RNN's: {bad}"
+    assert_at_most_1_5x_nn_rnn(accuracy.errors(got, want), nn_errs, f"{dtype} {shape}")
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=lowp_ids)

@@ -282,14 +282,18 @@ def test_emulated_errors(emu):
         emu.set_device(*device(4, path="fast"))
 
 
-def test_emulated_empty_batch(emu):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_emulated_empty_batch(emu, dtype):
+    """B = 0: the float and the bf16/fp16 launchers return zero gradients of the right shapes
+    (BackwardInputs in rnn_launch.h) without a kernel launch."""
     emu.set_device(*device(4))
-    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(3, 0, 2, 5, torch.float64)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(3, 0, 2, 5, dtype)
     y = emu.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
     assert y.shape == (3, 0, 5)
     dx, dh0, dw_ih, dw_hh, db = emu.rnn_backward(torch.zeros_like(y), x, h0, w_ih, w_hh, y, False)
-    assert dx.shape == x.shape and dh0.shape == h0.shape
+    assert dx.shape == x.shape and dh0.shape == h0.shape and db.shape == (5,)
     assert not dw_ih.any() and not dw_hh.any() and not db.any()
+    assert all(g.dtype == dtype for g in (dx, dh0, dw_ih, dw_hh, db))
 
 
 # ---- Sequence boundaries: resets [T, B] and lengths [B] (fused_bptt.h) -------------------------
@@ -399,32 +403,24 @@ def test_emulated_boundary_errors_read_as_on_the_cpu(emu):
 # ---- ThreadSanitizer on the kernels, without torch ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tsan_binary():
+def build_tsan(name):
+    """Builds tests/emu/<name>.cpp with g++ -fsanitize=thread (no torch); returns the binary."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler for the ThreadSanitizer build")
     out_dir = os.path.join(BUILD_ROOT, "tsan")
     os.makedirs(out_dir, exist_ok=True)
-    exe = os.path.join(out_dir, "tsan_main")
-    cmd = [
-        cxx,
-        "-std=c++20",
-        "-O1",
-        "-g",
-        "-fsanitize=thread",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-        *EMU_WARNINGS,
-        f"-I{CSRC}",
-        os.path.join(EMU, "tsan_main.cpp"),
-        "-o",
-        exe,
-    ]
+    exe = os.path.join(out_dir, name)
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-Wall", "-Wextra", "-Werror"]
+    cmd += [*EMU_WARNINGS, f"-I{CSRC}", os.path.join(EMU, f"{name}.cpp"), "-o", exe]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"TSan build failed:\n{' '.join(cmd)}\n{done.stderr}"
     return exe
+
+
+@pytest.fixture(scope="module")
+def tsan_binary():
+    return build_tsan("tsan_main")
 
 
 def run_tsan(exe, mode):

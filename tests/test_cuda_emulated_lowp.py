@@ -19,7 +19,14 @@ Builds: the emulated ops of tests/test_cuda_emulated.py (same extension, same bu
 import pytest
 import torch
 from test_cuda_emulated import device, emu  # noqa: F401  (emu: the module-scoped fixture)
-from test_lowp import BOUNDS, NAMES, accuracy, relative_errors, run_reference
+from test_lowp import (
+    BOUNDS,
+    NAMES,
+    accuracy,
+    assert_at_most_1_5x_nn_rnn,
+    relative_errors,
+    run_reference,
+)
 
 from conftest import LOW_PRECISION_DTYPES, make_layer_inputs
 
@@ -244,8 +251,8 @@ CRITERION_SHAPES = [
 
 
 def criterion_errors(emu, dtype, shape, relu=False):  # noqa: F811
-    """{quantity: (emulated error, nn.RNN's error)} against the float64 reference, on the problem
-    bench/accuracy_lowp.py makes."""
+    """The emulated ops' errors and nn.RNN's ({quantity: error}) against the float64 reference,
+    on the problem bench/accuracy_lowp.py makes."""
     rnn, x, h0, gy, ghn = accuracy.make_problem(dtype, *shape, relu=relu)
     want = accuracy.run_impl("reference", rnn, x, h0, gy, ghn, relu=relu)
     nn_errs = accuracy.errors(accuracy.run_impl("nn", rnn, x, h0, gy, ghn, relu=relu), want)
@@ -254,17 +261,15 @@ def criterion_errors(emu, dtype, shape, relu=False):  # noqa: F811
     assert emu.last_launch()[0], "the criterion is measured on the persistent mma kernels"
     dx, dh0, dw_ih, dw_hh, db = emu.rnn_backward(gy, x, h0, w_ih, w_hh, y, relu, ghn)
     got = [t.double() for t in (y, dx, dh0, dw_ih, dw_hh, db, db)]
-    errs = accuracy.errors(got, want)
-    return {q: (errs[q], nn_errs[q]) for q in accuracy.QUANTITIES}
+    return accuracy.errors(got, want), nn_errs
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("shape", CRITERION_SHAPES)
 def test_emulated_lowp_error_at_most_1_5x_nn_rnn(emu, dtype, shape):  # noqa: F811
     emu.set_device(*CRITERION_DEVICE)
-    errs = criterion_errors(emu, dtype, shape)
-    bad = {q: f"{e:.2e} vs nn.RNN {n:.2e}" for q, (e, n) in errs.items() if not e <= 1.5 * n}
-    assert not bad, f"{dtype} {shape}: emulated CUDA error above 1.5x nn.RNN's: {bad}"
+    errs, nn_errs = criterion_errors(emu, dtype, shape)
+    assert_at_most_1_5x_nn_rnn(errs, nn_errs, f"emulated CUDA, {dtype} {shape}")
 
 
 # ---- op properties -----------------------------------------------------------------------------
@@ -315,22 +320,9 @@ def test_tsan_lowp_kernels_race_free_and_correct():
     """tests/emu/tsan_lowp_main.cpp under -fsanitize=thread: the forward and backward mma kernels
     (resets, lengths, the staging buffer reused within a step) race-free and equal to naive loops
     within a bf16 rounding. test_cuda_emulated.py's negative control shows TSan reports races."""
-    import os
-    import shutil
-    import subprocess
+    from test_cuda_emulated import build_tsan, run_tsan
 
-    from test_cuda_emulated import BUILD_ROOT, CSRC, EMU, EMU_WARNINGS, run_tsan
-
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the ThreadSanitizer build")
-    out_dir = os.path.join(BUILD_ROOT, "tsan")
-    os.makedirs(out_dir, exist_ok=True)
-    exe = os.path.join(out_dir, "tsan_lowp_main")
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-Wall", "-Wextra", "-Werror"]
-    cmd += [*EMU_WARNINGS, f"-I{CSRC}", os.path.join(EMU, "tsan_lowp_main.cpp"), "-o", exe]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"TSan build failed:\n{' '.join(cmd)}\n{done.stderr}"
+    exe = build_tsan("tsan_lowp_main")
     rc, out = run_tsan(exe, "lowp")
     assert "ThreadSanitizer" not in out, out
     assert rc == 0 and out.count("max rel") == 2, f"rc={rc}\n{out}"

@@ -220,15 +220,21 @@ def _problem(dtype, shape, relu):
     return _PROBLEMS[key]
 
 
+def assert_at_most_1_5x_nn_rnn(errs, nn_errs, what):
+    """The criterion on each quantity of accuracy.QUANTITIES; `what` names the case in the
+    failure."""
+    bad = {
+        q: f"{errs[q]:.2e} vs nn.RNN {nn_errs[q]:.2e}"
+        for q in accuracy.QUANTITIES
+        if not errs[q] <= 1.5 * nn_errs[q]
+    }
+    assert not bad, f"{what}: error above 1.5x nn.RNN's: {bad}"
+
+
 def check_criterion(dtype, shape, relu=False):
     problem, want, nn_errs = _problem(dtype, shape, relu)
     fused = accuracy.errors(accuracy.run_impl("fused", *problem, relu=relu), want)
-    bad = {
-        q: f"{fused[q]:.2e} vs nn.RNN {nn_errs[q]:.2e}"
-        for q in accuracy.QUANTITIES
-        if not fused[q] <= 1.5 * nn_errs[q]
-    }
-    assert not bad, f"{dtype} {shape}: FusedRNN error above 1.5x nn.RNN's: {bad}"
+    assert_at_most_1_5x_nn_rnn(fused, nn_errs, f"FusedRNN, {dtype} {shape}")
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)

@@ -100,6 +100,21 @@ def _run(proto, args):
     return session.run(None, feeds)
 
 
+def _exported_pair(config, exporter, tmp_path, with_lengths=False):
+    """(nn.RNN, its FusedRNN, the FusedRNN exported, T and B dynamic) for a CONFIGS or
+    LENGTH_CONFIGS entry; with_lengths: exported inside _WithLengths, on padded input."""
+    layers, bidir, batch_first, nl, bias, with_hx = config
+    ref, fused = _pair(layers, bidir, batch_first, nl, bias)
+    if with_lengths:
+        args = _length_inputs(fused, 6, [4, 6, 1], with_hx, seed=1)
+        model, names = _WithLengths(fused).eval(), ("x", "lengths", "hx")
+    else:
+        args = _inputs(fused, *TRACE_SHAPE, with_hx, seed=1)
+        model, names = fused, ("x", "hx")
+    proto = _export(model, args, tmp_path / "rnn.onnx", exporter, batch_first, names=names)
+    return ref, fused, proto
+
+
 def _assert_standard_rnn_graph(proto, layers):
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("RNN") == layers, ops
@@ -113,15 +128,8 @@ def _assert_standard_rnn_graph(proto, layers):
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_export_runs_in_onnxruntime_like_nn_rnn(config, exporter, tmp_path):
-    layers, bidir, batch_first, nl, bias, with_hx = config
-    ref, fused = _pair(layers, bidir, batch_first, nl, bias)
-    proto = _export(
-        fused,
-        _inputs(fused, *TRACE_SHAPE, with_hx, seed=1),
-        tmp_path / "rnn.onnx",
-        exporter,
-        batch_first,
-    )
+    layers, _, _, nl, _, with_hx = config
+    ref, fused, proto = _exported_pair(config, exporter, tmp_path)
     _assert_standard_rnn_graph(proto, layers)
     rnn_nodes = [n for n in proto.graph.node if n.op_type == "RNN"]
     activations = {
@@ -233,16 +241,8 @@ def _assert_runs_like_nn_rnn_on_packed_input(proto, layers, ref, fused, with_hx)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("config", LENGTH_CONFIGS, ids=_config_id)
 def test_export_with_lengths_runs_like_nn_rnn_on_packed_input(config, exporter, tmp_path):
-    layers, bidir, batch_first, nl, bias, with_hx = config
-    ref, fused = _pair(layers, bidir, batch_first, nl, bias)
-    proto = _export(
-        _WithLengths(fused).eval(),
-        _length_inputs(fused, 6, [4, 6, 1], with_hx, seed=1),
-        tmp_path / "lengths.onnx",
-        exporter,
-        batch_first,
-        names=("x", "lengths", "hx"),
-    )
+    layers, _, _, _, _, with_hx = config
+    ref, fused, proto = _exported_pair(config, exporter, tmp_path, with_lengths=True)
     _assert_runs_like_nn_rnn_on_packed_input(proto, layers, ref, fused, with_hx)
 
 
@@ -287,8 +287,11 @@ def test_packed_input_exports_as_nn_rnn_does_with_torchscript(with_hx, tmp_path)
     _assert_runs_like_nn_rnn_on_packed_input(proto, 2, ref, fused, with_hx)
 
 
-def _error_chain(excinfo):
-    """The messages of an exception and its causes (the dynamo exporter wraps what it catches)."""
+def _export_error(model, args, exporter, tmp_path, names, raises=Exception):
+    """Exports model (T and B fixed) where the export must fail with `raises`; returns the
+    messages of the error and its causes (the dynamo exporter wraps what it catches)."""
+    with pytest.raises(raises) as excinfo:
+        _export(model, args, tmp_path / "fails.onnx", exporter, dynamic=False, names=names)
     messages, error = [], excinfo.value
     while error is not None:
         messages.append(str(error))
@@ -296,39 +299,30 @@ def _error_chain(excinfo):
     return "\n".join(messages)
 
 
-def test_packed_input_with_dynamo_says_what_to_do(tmp_path):
-    """torch.export cannot trace nn.RNN on a PackedSequence either; the error names the form
-    that exports."""
-    model = _PacksItsInput(FusedRNN(INPUT, HIDDEN)).eval()
-    with pytest.raises(Exception) as excinfo:
-        _export(
-            model,
-            (torch.randn(*TRACE_SHAPE, INPUT), torch.tensor([6, 4, 1])),
-            tmp_path / "packed.onnx",
-            "dynamo",
-            dynamic=False,
-            names=("x", "lengths"),
-        )
-    assert "rnn(x, hx, lengths=lengths)" in _error_chain(excinfo)
-
-
 class _PacksAndPassesLengths(_PacksItsInput):
     def forward(self, x, lengths):
         return self.rnn(pack_padded_sequence(x, lengths), lengths=lengths)[1]
 
 
-def test_export_of_packed_input_with_lengths_too_says_what_to_do(tmp_path):
-    model = _PacksAndPassesLengths(FusedRNN(INPUT, HIDDEN)).eval()
-    with pytest.raises(ValueError) as excinfo:
-        _export(
-            model,
-            (torch.randn(*TRACE_SHAPE, INPUT), torch.tensor([6, 4, 1])),
-            tmp_path / "both.onnx",
+@pytest.mark.parametrize(
+    "model_type, exporter, raises, message",
+    [
+        # torch.export cannot trace nn.RNN on a PackedSequence either: the error names the form
+        # that exports.
+        (_PacksItsInput, "dynamo", Exception, "rnn(x, hx, lengths=lengths)"),
+        (
+            _PacksAndPassesLengths,
             "torchscript",
-            dynamic=False,
-            names=("x", "lengths"),
-        )
-    assert "a PackedSequence carries its own lengths" in str(excinfo.value)
+            ValueError,
+            "a PackedSequence carries its own lengths",
+        ),
+    ],
+    ids=["packed-dynamo", "packed-and-lengths"],
+)
+def test_export_of_packed_input_says_what_to_do(model_type, exporter, raises, message, tmp_path):
+    model = model_type(FusedRNN(INPUT, HIDDEN)).eval()
+    args = (torch.randn(*TRACE_SHAPE, INPUT), torch.tensor([6, 4, 1]))
+    assert message in _export_error(model, args, exporter, tmp_path, ("x", "lengths"), raises)
 
 
 class _WithResets(nn.Module):
@@ -345,29 +339,15 @@ def test_export_with_resets_says_what_to_do(exporter, tmp_path):
     model = _WithResets(FusedRNN(INPUT, HIDDEN)).eval()
     resets = torch.zeros(*TRACE_SHAPE, dtype=torch.bool)
     resets[3, 1] = True
-    with pytest.raises(Exception) as excinfo:
-        _export(
-            model,
-            (torch.randn(*TRACE_SHAPE, INPUT), resets),
-            tmp_path / "resets.onnx",
-            exporter,
-            dynamic=False,
-            names=("x", "resets"),
-        )
-    assert "ONNX export of FusedRNN does not take resets" in _error_chain(excinfo)
+    args = (torch.randn(*TRACE_SHAPE, INPUT), resets)
+    message = _export_error(model, args, exporter, tmp_path, ("x", "resets"))
+    assert "ONNX export of FusedRNN does not take resets" in message
 
 
 def test_dynamo_export_in_training_mode_with_dropout_says_what_to_do(tmp_path):
     model = FusedRNN(INPUT, HIDDEN, num_layers=2, dropout=0.5).train()
-    with pytest.raises(Exception) as excinfo:
-        _export(
-            model,
-            (torch.randn(*TRACE_SHAPE, INPUT),),
-            tmp_path / "dropout.onnx",
-            "dynamo",
-            dynamic=False,
-        )
-    assert "call model.eval() before torch.onnx.export" in _error_chain(excinfo)
+    message = _export_error(model, (torch.randn(*TRACE_SHAPE, INPUT),), "dynamo", tmp_path, ("x",))
+    assert "call model.eval() before torch.onnx.export" in message
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")

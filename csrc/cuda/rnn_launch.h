@@ -145,6 +145,31 @@ struct Boundaries {
   }
 };
 
+// The backward's inputs, checked (check_backward_inputs; boundaries are the caller's) and made
+// contiguous; grad_h_n undefined where absent. Shared by rnn_backward_impl and
+// rnn_backward_lowp_impl (rnn_launch_lowp.h).
+struct BackwardInputs {
+  RnnShape s;
+  at::Tensor grad_y, x, h0, w_ih, w_hh, y, grad_h_n;
+
+  // B == 0 or H == 0: no kernel to run, every gradient is zero (or empty).
+  bool empty() const { return y.numel() == 0; }
+  RnnGrads zero_grads() const {
+    return {at::zeros_like(x), at::zeros_like(h0), at::zeros_like(w_ih), at::zeros_like(w_hh),
+            at::zeros({s.H}, x.options())};
+  }
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const at::Tensor& h0, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const at::Tensor& y,
+                                      const std::optional<at::Tensor>& grad_h_n) {
+  const RnnShape s = check_backward_inputs(grad_y, x, h0, w_ih, w_hh, y, grad_h_n);
+  return {s, grad_y.contiguous(), x.contiguous(), h0.contiguous(), w_ih.contiguous(),
+          w_hh.contiguous(), y.contiguous(),
+          grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor()};
+}
+
 // Blocks for an elementwise kernel over n entries: enough to cover them, at most 4 per SM.
 inline int elementwise_blocks(int64_t n, const DeviceConfig& cfg) {
   return static_cast<int>(std::min<int64_t>((n + cfg.threads - 1) / cfg.threads, 4 * cfg.num_sms));
@@ -218,17 +243,14 @@ RnnGrads rnn_backward_impl(const Dev& dev, const at::Tensor& grad_y_in, const at
                            const std::optional<at::Tensor>& grad_h_n_in,
                            const std::optional<at::Tensor>& resets,
                            const std::optional<at::Tensor>& lengths) {
-  const RnnShape s =
-      check_backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in, grad_h_n_in);
+  const BackwardInputs in =
+      backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in, grad_h_n_in);
   const Boundaries bounds(x_in, resets, lengths);
+  if (in.empty()) return in.zero_grads();
+  const RnnShape& s = in.s;
+  const at::Tensor &grad_y = in.grad_y, &x = in.x, &h0 = in.h0, &w_ih = in.w_ih, &w_hh = in.w_hh;
+  const at::Tensor &y = in.y, &grad_h_n = in.grad_h_n;
   const kernels::SeqBounds sb = bounds.bounds();
-  const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), h0 = h0_in.contiguous();
-  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), y = y_in.contiguous();
-  const at::Tensor grad_h_n = grad_h_n_in.has_value() ? grad_h_n_in->contiguous() : at::Tensor();
-  if (y.numel() == 0) {  // B == 0 or H == 0: every gradient is zero (or empty)
-    return {at::zeros_like(x), at::zeros_like(h0), at::zeros_like(w_ih), at::zeros_like(w_hh),
-            at::zeros({s.H}, x.options())};
-  }
   at::Tensor dz = at::empty({s.T, s.B, s.H}, x.options());
   at::Tensor dh0 = at::empty({s.B, s.H}, x.options());
   at::Tensor dw_hh = at::empty({s.H, s.H}, x.options());

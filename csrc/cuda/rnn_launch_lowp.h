@@ -232,16 +232,13 @@ RnnGrads rnn_backward_lowp_impl(const Dev& dev, bool has_mma, const at::Tensor& 
                                 const std::optional<at::Tensor>& grad_h_n_in,
                                 const std::optional<at::Tensor>& resets,
                                 const std::optional<at::Tensor>& lengths) {
-  const RnnShape s =
-      check_backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in, grad_h_n_in);
+  const BackwardInputs in =
+      backward_inputs(grad_y_in, x_in, h0_in, w_ih_in, w_hh_in, y_in, grad_h_n_in);
   check_boundaries(x_in, resets, lengths);
-  const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), h0 = h0_in.contiguous();
-  const at::Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), y = y_in.contiguous();
-  const at::Tensor grad_h_n = grad_h_n_in.has_value() ? grad_h_n_in->contiguous() : at::Tensor();
-  if (y.numel() == 0) {  // B == 0 or H == 0: every gradient is zero (or empty)
-    return {at::zeros_like(x), at::zeros_like(h0), at::zeros_like(w_ih), at::zeros_like(w_hh),
-            at::zeros({s.H}, x.options())};
-  }
+  if (in.empty()) return in.zero_grads();
+  const RnnShape& s = in.s;
+  const at::Tensor &grad_y = in.grad_y, &x = in.x, &h0 = in.h0, &w_ih = in.w_ih, &w_hh = in.w_hh;
+  const at::Tensor &y = in.y, &grad_h_n = in.grad_h_n;
   at::Tensor dz = at::empty({s.T, s.B, s.H}, x.options());
   const DeviceConfig cfg = dev.config();
   check_config(cfg);

@@ -15,12 +15,7 @@
 #include <vector>
 
 #include "cuda/rnn_kernels_lowp.cuh"
-
-using fused_bptt::kernels_lowp::Bf16;
-using fused_bptt::kernels_lowp::LowpParams;
-using fused_bptt::kernels_lowp::lowp_smem_elements;
-using fused_bptt::kernels_lowp::rnn_backward_mma_kernel;
-using fused_bptt::kernels_lowp::rnn_forward_mma_kernel;
+#include "host_boundaries.h"
 
 namespace {
 
@@ -33,8 +28,7 @@ struct Problem {
   int T = 5, B = 19, H = 20;
   Bits h0, w, proj, gy, ghn;
   std::vector<float> bias;
-  std::vector<char> resets;  // [T, B]
-  std::vector<int64_t> lengths;
+  HostBoundaries bd;
 };
 
 Problem make_problem(int H) {
@@ -54,16 +48,8 @@ Problem make_problem(int H) {
   fill(p.ghn, BH, 1.0f);
   p.bias.resize(p.H);
   for (auto& e : p.bias) e = 0.2f * u(gen);
-  p.resets.resize(static_cast<size_t>(p.T) * p.B);
-  for (auto& e : p.resets) e = u(gen) > 0.6f;
-  p.lengths.resize(p.B);
-  for (int b = 0; b < p.B; ++b) p.lengths[b] = 1 + (b * 3) % p.T;
-  p.lengths[0] = p.T;
+  p.bd = make_boundaries(p.T, p.B, true);
   return p;
-}
-
-bool carries(const Problem& p, int t, int b) {
-  return t < p.lengths[b] && !p.resets[static_cast<size_t>(t) * p.B + b];
 }
 
 Bits naive_forward(const Problem& p) {
@@ -73,12 +59,12 @@ Bits naive_forward(const Problem& p) {
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < H; ++j) {
         const size_t i = (static_cast<size_t>(t) * B + b) * H + j;
-        if (t >= p.lengths[b]) {
+        if (!p.bd.active(t, b)) {
           y[i] = 0;
           continue;
         }
         double z = f(p.proj[i]) + p.bias[j];
-        for (int k = 0; k < H && carries(p, t, b); ++k)
+        for (int k = 0; k < H && p.bd.carries_into(t, b); ++k)
           z += f(t == 0 ? p.h0[b * H + k] : y[((t - 1) * B + b) * H + k]) * f(p.w[j * H + k]);
         y[i] = r(std::tanh(static_cast<float>(z)));
       }
@@ -92,10 +78,10 @@ Bits naive_backward(const Problem& p, const Bits& y) {
     for (int b = 0; b < B; ++b)
       for (int k = 0; k < H; ++k) {
         const size_t i = (static_cast<size_t>(t) * B + b) * H + k;
-        if (t >= p.lengths[b]) continue;
+        if (!p.bd.active(t, b)) continue;
         double g = f(p.gy[i]);
-        if (t == p.lengths[b] - 1) g += f(p.ghn[b * H + k]);
-        for (int j = 0; j < H && t + 1 < p.T && carries(p, t + 1, b); ++j)
+        if (t == p.bd.lengths[b] - 1) g += f(p.ghn[b * H + k]);
+        for (int j = 0; j < H && t + 1 < p.T && p.bd.carries_into(t + 1, b); ++j)
           g += f(dz[((t + 1) * B + b) * H + j]) * f(p.w[j * H + k]);
         const float yv = f(y[i]);
         dz[i] = r(static_cast<float>(g) * (1.0f - yv * yv));
@@ -113,21 +99,20 @@ double max_rel(const Bits& a, const Bits& b) {
   return err / scale;
 }
 
-}  // namespace
-
 // Runs both kernels on p; true when they agree with the naive loops.
 bool check(const Problem& p) {
+  namespace kl = fused_bptt::kernels_lowp;
   // 3 blocks of 8 units (the last owns 4 where H = 20), 2 warps each; rows staged 16 at a time.
-  const LowpParams params{p.T, p.B, p.H, 32, 8, 3, 16, false};
-  const size_t smem = lowp_smem_elements(params.J, params.b_tile, params.Kp) * 2;
-  const bool* resets = reinterpret_cast<const bool*>(p.resets.data());
+  const kl::LowpParams params{p.T, p.B, p.H, 32, 8, 3, 16, false};
+  const size_t smem = kl::lowp_smem_elements(params.J, params.b_tile, params.Kp) * 2;
+  const dim3 grid(params.slices), block(64);
   Bits y(p.proj), dz(p.proj.size(), 0xFFFF);
-  simt::launch_cooperative(&rnn_forward_mma_kernel<Bf16>, dim3(params.slices), dim3(64), smem,
-                           p.h0.data(), p.w.data(), p.bias.data(), y.data(), resets,
-                           p.lengths.data(), params);
-  simt::launch_cooperative(&rnn_backward_mma_kernel<Bf16>, dim3(params.slices), dim3(64), smem,
-                           p.gy.data(), p.ghn.data(), p.w.data(), y.data(), dz.data(), resets,
-                           p.lengths.data(), params);
+  simt::launch_cooperative(&kl::rnn_forward_mma_kernel<kl::Bf16>, grid, block, smem, p.h0.data(),
+                           p.w.data(), p.bias.data(), y.data(), p.bd.resets_ptr(),
+                           p.bd.lengths_ptr(), params);
+  simt::launch_cooperative(&kl::rnn_backward_mma_kernel<kl::Bf16>, grid, block, smem, p.gy.data(),
+                           p.ghn.data(), p.w.data(), y.data(), dz.data(), p.bd.resets_ptr(),
+                           p.bd.lengths_ptr(), params);
   // The naive backward from the kernels' own y: each is held to its own rounding.
   const double ey = max_rel(y, naive_forward(p)), edz = max_rel(dz, naive_backward(p, y));
   std::printf("lowp H=%d: max rel |y - naive| = %.3g, |dz - naive| = %.3g\n", p.H, ey, edz);
@@ -135,6 +120,8 @@ bool check(const Problem& p) {
   // relative), which the next steps carry on.
   return ey < 3e-2 && edz < 3e-2;
 }
+
+}  // namespace
 
 int main() {
   const bool scalar = check(make_problem(20)), vector = check(make_problem(24));

@@ -16,11 +16,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <memory>
 #include <random>
 #include <vector>
 
 #include "cuda/rnn_kernels.cuh"
+#include "host_boundaries.h"
 
 using fused_bptt::kernels::PersistentParams;
 using fused_bptt::kernels::rnn_backward_persistent_kernel;
@@ -37,31 +37,22 @@ using Vec = std::vector<double>;
 double act(double z, bool relu) { return relu ? (z < 0 ? 0 : z) : std::tanh(z); }
 double gate(double g, double y, bool relu) { return relu ? (y <= 0 ? 0 : g) : g * (1 - y * y); }
 
-// Sequence boundaries on the host, as fused_bptt.h defines them: resets [T, B] (nullptr: none),
-// len [B] (T where lengths are absent).
-struct Boundaries {
-  std::unique_ptr<bool[]> resets;
-  std::vector<int64_t> len;
-  bool has_lengths = false;
-
-  bool reset(int t, int b, int B) const { return resets && resets[t * B + b]; }
-  SeqBounds device() const { return {resets.get(), has_lengths ? len.data() : nullptr}; }
-};
+SeqBounds seq_bounds(const HostBoundaries& bd) { return {bd.resets_ptr(), bd.lengths_ptr()}; }
 
 // y_t = act(xw_t + h_{t-1} W^T), without the product where the row is reset at t, 0 past its
 // length; returns y [T, B, H].
-Vec naive_forward(const PersistentParams& p, const Boundaries& bd, const Vec& xw, const Vec& h0,
-                  const Vec& w) {
+Vec naive_forward(const PersistentParams& p, const HostBoundaries& bd, const Vec& xw,
+                  const Vec& h0, const Vec& w) {
   const int B = p.B, H = p.H;
   Vec y(xw);
   for (int t = 0; t < p.T; ++t)
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < H; ++j) {
         double z = y[(t * B + b) * H + j];
-        if (!bd.reset(t, b, B))
+        if (bd.carries_into(t, b))
           for (int k = 0; k < H; ++k)
             z += (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]) * w[j * H + k];
-        y[(t * B + b) * H + j] = t < bd.len[b] ? act(z, p.relu) : 0.0;
+        y[(t * B + b) * H + j] = bd.active(t, b) ? act(z, p.relu) : 0.0;
       }
   return y;
 }
@@ -71,49 +62,34 @@ struct Grads {
 };
 
 // dz [T, B, H], dh0 [B, H], dW_hh [H, H], db [H], from fused_bptt.h.
-Grads naive_backward(const PersistentParams& p, const Boundaries& bd, const Vec& gy,
+Grads naive_backward(const PersistentParams& p, const HostBoundaries& bd, const Vec& gy,
                      const Vec& ghn, const Vec& h0, const Vec& w, const Vec& y) {
   const int T = p.T, B = p.B, H = p.H;
   Grads g{Vec(T * B * H), Vec(B * H), Vec(H * H), Vec(H)};
   for (int t = T - 1; t >= 0; --t)
     for (int b = 0; b < B; ++b)
       for (int k = 0; k < H; ++k) {
-        const int len = static_cast<int>(bd.len[b]);
-        if (t >= len) continue;  // padded: dz stays 0
-        double c = gy[(t * B + b) * H + k] + (t == len - 1 ? ghn[b * H + k] : 0.0);
-        if (t + 1 < len && !bd.reset(t + 1, b, B))
+        if (!bd.active(t, b)) continue;  // padded: dz stays 0
+        const bool last = t == bd.lengths[b] - 1;
+        double c = gy[(t * B + b) * H + k] + (last ? ghn[b * H + k] : 0.0);
+        if (t + 1 < T && bd.carries_into(t + 1, b))
           for (int j = 0; j < H; ++j) c += g.dz[((t + 1) * B + b) * H + j] * w[j * H + k];
         g.dz[(t * B + b) * H + k] = gate(c, y[(t * B + b) * H + k], p.relu);
       }
   for (int b = 0; b < B; ++b)
     for (int k = 0; k < H; ++k)
       for (int j = 0; j < H; ++j)
-        if (!bd.reset(0, b, B)) g.dh0[b * H + k] += g.dz[b * H + j] * w[j * H + k];
+        if (!bd.reset(0, b)) g.dh0[b * H + k] += g.dz[b * H + j] * w[j * H + k];
   for (int t = 0; t < T; ++t)
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < H; ++j) {
         const double d = g.dz[(t * B + b) * H + j];
         g.db[j] += d;
-        if (bd.reset(t, b, B)) continue;
+        if (bd.reset(t, b)) continue;
         for (int k = 0; k < H; ++k)
           g.dw[j * H + k] += d * (t == 0 ? h0[b * H + k] : y[((t - 1) * B + b) * H + k]);
       }
   return g;
-}
-
-// No boundaries (every row T steps long), or resets at (t, b) where (t + 2 * b) % 3 == 0 and
-// lengths T, 1, T - 1, T, ... (ties, a row of one step, full rows).
-Boundaries make_boundaries(const PersistentParams& p, bool with) {
-  Boundaries bd;
-  bd.len.assign(p.B, p.T);
-  if (!with) return bd;
-  bd.resets.reset(new bool[p.T * p.B]);
-  for (int t = 0; t < p.T; ++t)
-    for (int b = 0; b < p.B; ++b) bd.resets[t * p.B + b] = (t + 2 * b) % 3 == 0;
-  const int64_t pattern[] = {p.T, 1, p.T - 1, p.T};
-  for (int b = 0; b < p.B; ++b) bd.len[b] = pattern[b % 4];
-  bd.has_lengths = true;
-  return bd;
 }
 
 double max_diff(const Vec& a, const Vec& b) {
@@ -137,19 +113,19 @@ int check_plan(const char* name, const PersistentParams& p, int threads, bool bo
   };
   const Vec xw = rnd(T * B * H), h0 = rnd(B * H), w = rnd(H * H), gy = rnd(T * B * H);
   const Vec ghn = rnd(B * H);
-  const Boundaries bd = make_boundaries(p, boundaries);
+  const HostBoundaries bd = make_boundaries(p.T, p.B, boundaries);
 
   Vec y(xw);
   const size_t fwd_smem = smem_layout(false, p.rows, H, p.J, p.b_tile).total * sizeof(double);
   simt::launch_cooperative(&rnn_forward_persistent_kernel<double>, dim3(grid), dim3(threads),
-                           fwd_smem, h0.data(), w.data(), y.data(), bd.device(), p);
+                           fwd_smem, h0.data(), w.data(), y.data(), seq_bounds(bd), p);
   const Vec y_ref = naive_forward(p, bd, xw, h0, w);
 
   Vec dz(T * B * H), dh0(B * H), dw(groups * H * H), db(groups * H);
   const size_t bwd_smem = smem_layout(true, p.rows, H, p.J, p.b_tile).total * sizeof(double);
   simt::launch_cooperative(&rnn_backward_persistent_kernel<double>, dim3(grid), dim3(threads),
                            bwd_smem, gy.data(), ghn.data(), h0.data(), w.data(), y_ref.data(),
-                           dz.data(), dh0.data(), dw.data(), db.data(), bd.device(), p);
+                           dz.data(), dh0.data(), dw.data(), db.data(), seq_bounds(bd), p);
   for (int g = 1; g < groups; ++g) {  // the launcher's sum over batch groups
     for (int i = 0; i < H * H; ++i) dw[i] += dw[g * H * H + i];
     for (int i = 0; i < H; ++i) db[i] += db[g * H + i];
@@ -175,7 +151,7 @@ int check_plan(const char* name, const PersistentParams& p, int threads, bool bo
 int check_step_kernels() {
   const PersistentParams p{4, 5, 14, 0, 0, 0, 0, 0, true};
   const int n = p.B * p.H;
-  const Boundaries bd = make_boundaries(p, true);
+  const HostBoundaries bd = make_boundaries(p.T, p.B, true);
   std::mt19937 gen(1);
   std::normal_distribution<double> nd(0.0, 1.0);
   Vec gy(n), ghn(n), carry(n), y(n), dz(n), pre(n);
@@ -186,11 +162,11 @@ int check_step_kernels() {
   for (int t = 0; t < p.T; ++t) {
     Vec yt(pre);
     simt::launch(&rnn_forward_step_kernel<double>, dim3(2), dim3(32), 0, carry.data(), yt.data(),
-                 bd.device(), t, p.T, p.B, p.H, p.relu);
+                 seq_bounds(bd), t, p.T, p.B, p.H, p.relu);
     for (int i = 0; i < n; ++i) {
       const int b = i / p.H;
       const double want =
-          t >= bd.len[b] ? 0.0 : act(pre[i] + (bd.reset(t, b, p.B) ? 0.0 : carry[i]), p.relu);
+          bd.active(t, b) ? act(pre[i] + (bd.reset(t, b) ? 0.0 : carry[i]), p.relu) : 0.0;
       err = std::fmax(err, std::fabs(yt[i] - want));
     }
   }
@@ -199,12 +175,12 @@ int check_step_kernels() {
   for (int t = p.T - 1; t >= p.T - 2; --t) {
     const bool last = t == p.T - 1;
     simt::launch(&rnn_backward_step_kernel<double>, dim3(2), dim3(32), 0, gy.data(), ghn.data(),
-                 last ? nullptr : carry.data(), y.data(), dz.data(), bd.device(), t, p.T, p.B,
+                 last ? nullptr : carry.data(), y.data(), dz.data(), seq_bounds(bd), t, p.T, p.B,
                  p.H, p.relu);
     err = 0;
     for (int i = 0; i < n; ++i) {
-      const int b = i / p.H, len = static_cast<int>(bd.len[b]);
-      const bool with_carry = t + 1 < len && !bd.reset(t + 1, b, p.B);
+      const int b = i / p.H, len = static_cast<int>(bd.lengths[b]);
+      const bool with_carry = t + 1 < p.T && bd.carries_into(t + 1, b);
       const double g = gy[i] + (t == len - 1 ? ghn[i] : 0.0) + (with_carry ? carry[i] : 0.0);
       err = std::fmax(err, std::fabs(dz[i] - (t >= len ? 0.0 : gate(g, y[i], p.relu))));
     }
