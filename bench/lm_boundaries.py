@@ -55,14 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_util  # noqa: E402
 from bench_util import format_table, write_csv  # noqa: E402
 
-fused_bptt = bench_util.import_fused_bptt("lm_boundaries")
-from fused_bptt import (  # noqa: E402
-    FusedRNN,
-    StatefulTBPTT,
-    available_backends,
-    batchify,
-    train_tbptt,
-)
+fused_bptt = bench_util.import_fused_bptt("lm_boundaries")  # its public API only
 
 VARIANTS = ("alphabet", "unmarked", "text")
 LN2 = math.log(2)
@@ -194,7 +187,7 @@ class ByteLM(nn.Module):
     def __init__(self, embed, hidden, backend):
         super().__init__()
         self.embed = nn.Embedding(256, embed)
-        self.rnn = FusedRNN(embed, hidden, backend=backend)
+        self.rnn = fused_bptt.FusedRNN(embed, hidden, backend=backend)
         self.out = nn.Linear(hidden, 256)
 
     def forward(self, x, h=None, resets=None):
@@ -208,7 +201,7 @@ def cross_entropy(logits, target):
 
 def check_backend(args):
     """The backend FusedRNN runs; exits rather than run the slow reference unless asked."""
-    available = available_backends()
+    available = fused_bptt.available_backends()
     if args.backend not in ("auto", *available):
         raise SystemExit(
             f"lm_boundaries: --backend {args.backend!r} is not available here; "
@@ -229,7 +222,7 @@ class HeldOut:
 
     def __init__(self, variant, args):
         stream, starts, position, dependent = make_stream(variant, args.eval_bytes, args.seed + 1)
-        cut = lambda t: batchify(t, args.eval_streams)  # noqa: E731
+        cut = lambda t: fused_bptt.batchify(t, args.eval_streams)  # noqa: E731
         self.x, self.target, self.resets = cut(stream[:-1]), cut(stream[1:]), cut(starts[:-1])
         # Targets before a stream's first document start belong to a document cut in two by
         # batchify, which both evaluations start from zeros: not scored.
@@ -256,7 +249,7 @@ def train_run(variant, trained_with, args, train_data, held_out):
     torch.manual_seed(args.seed)  # the same initial weights for both runs
     model = ByteLM(args.embed, args.hidden, args.backend)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    driver = StatefulTBPTT(
+    driver = fused_bptt.StatefulTBPTT(
         stream[:-1],
         stream[1:],
         args.k,
@@ -286,7 +279,7 @@ def train_run(variant, trained_with, args, train_data, held_out):
             )
             clock["t"] = now
 
-    log = train_tbptt(
+    log = fused_bptt.train_tbptt(
         model, driver, cross_entropy, optimizer, clip_grad_norm=args.clip, on_chunk=on_chunk
     )
     return model, curve, log
