@@ -15,7 +15,8 @@
 //   backward would read other h_{t-1} than the y it is given.
 // - Backward: dz_t = (grad_y_t + dz_{t+1} W_hh) * act'(y_t) stays float32 for the whole call (it
 //   is internal: nothing forces a rounding); grad_h_n is added in float32. dh0, dW_hh, dW_ih and
-//   dx are float32-accumulated GEMMs, rounded once to S; db sums dz in float64, rounded once.
+//   dx are float32-accumulated GEMMs, rounded once to S; db is ATen's float64 column sum of dz,
+//   rounded once.
 // - Boundaries (resets, lengths) as in rnn_cpu.cpp: runs of rows of one RowKind per step.
 // - GEMMs (cpu_gemm.h): where MKL's S GEMM is the fast one (bfloat16 on AMX) or asked for
 //   (FUSED_BPTT_CPU_GEMM=blas/aten), on S operands, dz rounded to S for them; elsewhere the float32
@@ -213,16 +214,9 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   at::Tensor f_dwih = float_buffer(H, I, x), f_dx = float_buffer(T * B, I, x);
   gemms(true, false, H, I, T * B, dzo, 0, xo, 0, 0, f_dwih.data_ptr<float>(), I);
   gemms(false, false, T * B, I, H, dzo, 0, wih, 0, 0, f_dx.data_ptr<float>(), I);
-  // db: column sums of dz in a fixed row order (threads split columns), accumulated in float64.
-  S* dbp = db.data_ptr<S>();
-  at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
-    std::vector<double> acc(j1 - j0, 0.0);
-    for (int64_t r = 0; r < T * B; ++r) {
-      const float* row = dzp + r * H;
-      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += row[j];
-    }
-    for (int64_t j = j0; j < j1; ++j) dbp[j] = static_cast<S>(static_cast<float>(acc[j - j0]));
-  });
+  // db: ATen's column sum of dz accumulated in float64 (as the float32/float64 backward sums db),
+  // rounded once to float32 and then to S.
+  db.copy_(dz.sum(0, false, at::kDouble).to(at::kFloat));
   // dh0 and dW_hh take dz through h_{t-1}, a constant 0 where the state was reset: zero those
   // rows of dz (and of its S copy), which dx, dW_ih and db have used already.
   if (bounds.reset != nullptr) {
