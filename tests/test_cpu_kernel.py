@@ -6,6 +6,8 @@ Paths, chosen through environment variables the ops read on every call:
         aten: big GEMMs through ATen, recurrence by the hand-written kernel (a torch without BLAS)
         blas: every step through the BLAS GEMM + the fused elementwise pass (the large-H path)
     FUSED_BPTT_CPU_ISA = avx512 | avx2 | sse2 caps the instruction set of the step kernel.
+    FUSED_BPTT_CPU_INPUT = auto | gemm | kernel: the forward's x_t W_ih^T as one GEMM before the
+        loop, or inside the step kernel (auto: the kernel where it was measured faster)
 """
 
 import pytest
@@ -48,6 +50,59 @@ def test_every_instruction_set(monkeypatch, isa, relu, dtype):
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
     for shape in [(4, 5, 3, 70), CPU.parallel_shape]:
         check_against_reference(shape, dtype, relu, bias=True)
+
+
+@pytest.mark.parametrize("isa", CPU.isas)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_input_projection_gemm_or_kernel(monkeypatch, isa, relu, dtype):
+    """x_t W_ih^T as a GEMM before the loop or inside the step kernel, on every instruction set:
+    whole and partial tiles, one row, I > H, K-chunked tiles (H > 128), threads over rows."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
+    results = {}
+    for where in ("gemm", "kernel"):
+        monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", where)
+        for shape in [(4, 5, 3, 70), (3, 1, 2, 17), (3, 9, 300, 64), CPU.parallel_shape]:
+            results[where, shape] = check_against_reference(shape, dtype, relu)
+    for shape in {s for _, s in results}:  # the two paths agree with each other too
+        y_gemm, y_kernel = results["gemm", shape][0], results["kernel", shape][0]
+        assert_close(y_kernel, y_gemm, dtype=dtype, name=f"{shape} y kernel vs gemm")
+
+
+def test_input_projection_auto_is_one_of_the_two(monkeypatch):
+    """auto picks one of the two paths: its result is bitwise that of gemm or of kernel."""
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(32, 8, 64, 64, torch.float32)
+    out = {}
+    for where in ("auto", "gemm", "kernel"):
+        monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", where)
+        out[where] = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    assert torch.equal(out["auto"], out["gemm"]) or torch.equal(out["auto"], out["kernel"])
+    assert not torch.equal(out["gemm"], out["kernel"])  # two different sums: the switch works
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_one_value_grad_y_read_as_one_row(dtype):
+    """The gradient of y.sum() (a scalar expanded to [T, B, H], strides 0) and other expanded
+    gradients give the bits of the same gradient made dense."""
+    T, B, I, H = 6, 9, 5, 70
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, dtype)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    grad_h_n = torch.ones((), dtype=dtype).expand(B, H)
+    for grad_y in [
+        torch.full((), 0.7, dtype=dtype).expand(T, B, H),
+        torch.randn(H).to(dtype).expand(T, B, H),
+        torch.randn(B, 1).to(dtype).expand(B, H).expand(T, B, H),
+    ]:
+        got = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False, grad_h_n)
+        want = ops.rnn_backward(
+            grad_y.contiguous(), x, h0, w_ih, w_hh, y, False, grad_h_n.contiguous()
+        )
+        for name, a, b in zip(GRAD_NAMES, got, want):
+            assert torch.equal(a, b), f"{name}, grad_y strides {grad_y.stride()}"
+    empty = ops.rnn_forward(x[:, :0], h0[:0], w_ih, w_hh, b_ih, b_hh, False)
+    grads = ops.rnn_backward(
+        torch.ones((), dtype=dtype).expand(T, 0, H), x[:, :0], h0[:0], w_ih, w_hh, empty, False
+    )
+    assert grads[0].shape == (T, 0, I) and torch.equal(grads[2], torch.zeros_like(w_ih))
 
 
 def test_without_bias(dtype):
@@ -130,6 +185,12 @@ def test_rejects_unknown_switch_values(monkeypatch):
     with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_GEMM must be one of auto, aten, blas"):
         ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", "auto")
+    monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", "fused")
+    with pytest.raises(
+        RuntimeError, match="FUSED_BPTT_CPU_INPUT must be one of auto, gemm, kernel"
+    ):
+        ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
+    monkeypatch.delenv("FUSED_BPTT_CPU_INPUT")
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", "avx9000")
     with pytest.raises(
         RuntimeError, match="FUSED_BPTT_CPU_ISA must be one of auto, avx512, avx2, sse2"

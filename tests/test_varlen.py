@@ -299,13 +299,18 @@ def test_cpp_kernel_checks_boundaries():
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled CPU kernels are not built")
-@pytest.mark.parametrize("mode", ["auto", "aten", "blas"])
+@pytest.mark.parametrize("mode", ["auto", "aten", "blas", "input-in-kernel"])
 @pytest.mark.parametrize("shape", [(5, 9, 3, 7), (4, 11, 5, 133), (6, 64, 8, 40)], ids=str)
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 def test_cpu_kernel_paths(monkeypatch, mode, shape, dtype):
     """Every CPU step path (hand-written kernel, K > 128 partial sums, BLAS per step, threads over
-    rows) with resets and lengths, against the float64 loop."""
-    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
+    rows; the forward's input projection inside the step kernel) with resets and lengths, against
+    the float64 loop."""
+    if mode == "input-in-kernel":
+        monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", "kernel")
+    else:
+        monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
+        monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", "gemm")
     T, B, I, H = shape
     args64 = make_layer_inputs(T, B, I, H, F64, seed=B)
     args = [t.to(dtype).requires_grad_() for t in args64]

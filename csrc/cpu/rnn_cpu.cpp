@@ -65,10 +65,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   scalar_t* yp = y.data_ptr<scalar_t>();
   auto h_prev = [&](int64_t t) { return t == 0 ? h0p : yp + (t - 1) * BH; };
 
-  // y = x W_ih^T over all T*B rows at once.
-  gemm<scalar_t>(mode, false, true, s.T * B, H, s.I, 1, x.data_ptr<scalar_t>(), s.I,
-                 w_ih.data_ptr<scalar_t>(), s.I, 0, yp, H);
-  if (use_blas_step<scalar_t>(mode, H)) {
+  const bool blas_step = use_blas_step<scalar_t>(mode, H);
+  const bool fused_input = !blas_step && fuse_input_projection(k, s);
+  // y = x W_ih^T over all T*B rows at once (or, fused_input, inside each step).
+  if (!fused_input) {
+    gemm<scalar_t>(mode, false, true, s.T * B, H, s.I, 1, x.data_ptr<scalar_t>(), s.I,
+                   w_ih.data_ptr<scalar_t>(), s.I, 0, yp, H);
+  }
+  if (blas_step) {
     const scalar_t* whh = w_hh.data_ptr<scalar_t>();
     blas_recurrence</*kReverse=*/false>(
         s, bounds, yp,
@@ -78,19 +82,24 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
                          yp + t * BH + a * H, H);
         },
         [&](RowKind, int64_t t, int64_t a, int64_t e) {
-          k.forward(nullptr, nullptr, nullptr, b, yp + t * BH + a * H, e - a, 0, H, relu);
+          k.forward(nullptr, nullptr, nullptr, b, yp + t * BH + a * H, e - a, 0, H, relu, nullptr,
+                    0, nullptr);
         });
     return;
   }
-  // The tile wants w as [K, N] = W_hh^T; one H x H transpose per call.
+  // The tile wants w as [K, N] = W_hh^T (and W_ih^T): one transpose per call.
   const at::Tensor w_t = w_hh.t().contiguous();
+  const at::Tensor w_ih_t = fused_input ? w_ih.t().contiguous() : at::Tensor();
   const scalar_t* wt = w_t.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
   std::vector<scalar_t> part(BH);
   kernel_recurrence</*kReverse=*/false>(
       s, bounds, yp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
         const bool carry = kind == RowKind::kCarry;
         k.forward(carry ? h_prev(t) + a * H : nullptr, wt, part.data() + a * H, b,
-                  yp + t * BH + a * H, e - a, carry ? H : 0, H, relu);
+                  yp + t * BH + a * H, e - a, carry ? H : 0, H, relu,
+                  fused_input ? xp + (t * B + a) * s.I : nullptr, s.I,
+                  fused_input ? w_ih_t.data_ptr<scalar_t>() : nullptr);
       });
 }
 
@@ -238,9 +247,16 @@ RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   at::Tensor dw_hh = at::empty_like(weight_hh, at::MemoryFormat::Contiguous);
   at::Tensor db = at::empty({s.H}, x.options());
   // grad_y is read in place when its last dimension is dense (a transposed batch_first gradient
-  // is); otherwise (an expanded gradient such as that of y.sum()) it is made dense.
+  // is); one value everywhere (the gradient of y.sum() or y.mean(), a scalar expanded) is read as
+  // one row of H (strides 0, 0, 1); anything else is made dense.
   const bool dense_rows = grad_y.stride(2) == 1 || s.H == 1;
-  const at::Tensor gy = dense_rows ? grad_y : grad_y.contiguous();
+  const bool one_value = !dense_rows && grad_y.numel() > 0 && grad_y.stride(0) == 0 &&
+                         grad_y.stride(1) == 0 && grad_y.stride(2) == 0;
+  const at::Tensor gy = dense_rows  ? grad_y
+                        : one_value ? grad_y.select(0, 0).select(0, 0).contiguous().expand(
+                                          {s.T, s.B, s.H})
+                                    : grad_y.contiguous();
+  const bool grad_y_is_ours = !dense_rows && !one_value;
   const at::Tensor ghn = grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor();
   if (at::isReducedFloatingType(x.scalar_type())) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
@@ -253,7 +269,7 @@ RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_bptt_rnn_backward_cpu", [&] {
     backward_impl<scalar_t>(gy, ghn, x.contiguous(), h0.contiguous(), weight_ih.contiguous(),
                             weight_hh.contiguous(), y.contiguous(), s, relu, bounds, dx, dh0, dw_ih,
-                            dw_hh, db, /*grad_y_is_ours=*/!dense_rows);
+                            dw_hh, db, grad_y_is_ours);
   });
   return {dx, dh0, dw_ih, dw_hh, db};
 }

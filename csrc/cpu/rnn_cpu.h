@@ -8,11 +8,13 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <vector>
 
 #include "cpu/cpu_gemm.h"
 #include "cpu/rnn_step_kernel.h"
+#include "env.h"
 #include "fused_bptt.h"
 
 namespace fused_bptt {
@@ -34,6 +36,29 @@ bool use_blas_step(GemmMode mode, int64_t H) {
   return mode == GemmMode::kBlas ||
          (mode == GemmMode::kAuto && blas_available(mode) &&
           H * H * static_cast<int64_t>(sizeof(W)) > kKernelMaxWeightBytes);
+}
+
+// Whether the float32/float64 forward computes x_t W_ih^T inside the step kernel (the tile runs
+// k over I, then over H, before one epilogue) instead of as one GEMM over all T*B rows before the
+// loop. The input term does not wait for h_{t-1}, so its multiply-adds fill the time the
+// recurrence would spend waiting on the previous step's epilogue, and y is written once instead
+// of written and read back. It pays where the recurrence has that slack and every thread has whole
+// tiles: measured on AVX-512 (2 cores, float32 and float64), the forward ran 18% faster at
+// T/B/I/H 256/8/64/64 and 1-5% at 128/{8,16,32}/128/128, 10% at 128/16/1024/128, but 7% slower at
+// 64/8/256/256, 25-30% with one row tile (B <= 4 on 2 threads: the GEMM used both cores) and
+// 14% with AVX2 at H = 128. FUSED_BPTT_CPU_INPUT = gemm | kernel forces either path (tests).
+template <typename T>
+bool fuse_input_projection(const StepKernels<T>& k, const RnnShape& s) {
+  enum { kAuto, kGemm, kKernel };
+  const int want = env_choice("FUSED_BPTT_CPU_INPUT", {"auto", "gemm", "kernel"});
+  if (want != kAuto) return want == kKernel;
+  const int64_t row_bytes = s.H * static_cast<int64_t>(sizeof(T));
+  const bool threaded = s.T * s.B * s.H * s.H >= kParallelMinFma;
+  const int64_t threads = threaded ? at::get_num_threads() : 1;
+  return std::strcmp(k.isa, "avx512") == 0 && row_bytes >= 256 &&  // whole 4-vector tiles
+         s.H * row_bytes <= (64 << 10) &&                          // W_hh^T in 64 KiB
+         s.I * row_bytes <= (512 << 10) &&                         // W_ih^T in 512 KiB
+         s.B >= kStepRows * threads;                               // a row tile per thread
 }
 
 // Runs fn(r0, r1) on parts of the batch rows [0, B), one per thread, in whole register tiles.

@@ -3,6 +3,8 @@
 //
 // On B rows of an [B, N] output, with acc = a @ w, a: [B, K], w: [K, N] row-major:
 //   forward:  y_t  = act(y_t + bias + acc)        a = h_{t-1}, w = W_hh^T, y_t = x_t W_ih^T on entry
+//             y_t  = act(bias + x_t W_ih^T + acc) with x_t ([B, I], rows I apart) and w_ih_t =
+//                                                 W_ih^T ([I, N]) given: y_t is then only written
 //   backward: dz_t = (dy_t + acc) * act'(y_t)     a = dz_{t+1}, w = W_hh; dy_t's rows are ldy apart
 // K = 0 makes acc = 0 (the elementwise pass alone, after a BLAS step).
 // part: [B, N] scratch for partial sums when K > 128 (unused, may be nullptr, otherwise).
@@ -51,7 +53,7 @@ inline constexpr bool kIsLowPrecision =
 template <typename T>
 struct StepKernels {
   void (*forward)(const T* a, const T* w, T* part, const T* bias, T* y_t, int64_t B, int64_t K,
-                  int64_t N, bool relu);
+                  int64_t N, bool relu, const T* x_t, int64_t I, const T* w_ih_t);
   void (*backward)(const T* a, const T* w, T* part, const T* dy_t, int64_t ldy, const T* y_t,
                    T* dz_t, int64_t B, int64_t K, int64_t N, bool relu);
   const char* isa;  // "avx512", "avx2", "sse2"
