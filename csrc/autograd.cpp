@@ -45,11 +45,20 @@ at::Tensor forward_op(const at::Tensor& x, const at::Tensor& h0, const at::Tenso
   return op.call(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets, lengths);
 }
 
-// h_n: a copy of each row's last step (y[T-1], or y[lengths[b]-1, b]).
-at::Tensor last_state(const at::Tensor& y, const std::optional<at::Tensor>& lengths) {
-  if (!lengths.has_value()) return y.select(0, y.size(0) - 1).clone();
-  const at::Tensor rows = at::arange(y.size(1), lengths->options());
-  return y.index({*lengths - 1, rows});
+// h0 as the ops take it: [B, H], from [B, H] or a one-layer module's [1, B, H].
+bool has_lead(const at::Tensor& h0) { return h0.dim() == 3 && h0.size(0) == 1; }
+at::Tensor state_2d(const at::Tensor& t) { return has_lead(t) ? t.squeeze(0) : t; }
+
+// h_n: a copy of each row's last step (y[T-1], or y[lengths[b]-1, b]), [1, B, H] if lead.
+at::Tensor last_state(const at::Tensor& y, const std::optional<at::Tensor>& lengths, bool lead) {
+  if (!lengths.has_value()) {
+    const int64_t T = y.size(0);
+    return lead ? y.narrow(0, T - 1, 1).clone() : y.select(0, T - 1).clone();
+  }
+  at::Tensor rows = at::arange(y.size(1), lengths->options());
+  at::Tensor steps = *lengths - 1;
+  if (lead) steps = steps.unsqueeze(0), rows = rows.unsqueeze(0);  // an index of shape [1, B]
+  return y.index({steps, rows});
 }
 
 // True when a gradient arrives wrapped by torch.func (vmap over the backward).
@@ -70,9 +79,9 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
                                const std::optional<at::Tensor>& bias_hh, bool relu,
                                const std::optional<at::Tensor>& resets,
                                const std::optional<at::Tensor>& lengths) {
-    at::Tensor y =
-        forward_op(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets, lengths);
-    at::Tensor h_n = last_state(y, lengths);
+    at::Tensor y = forward_op(x, state_2d(h0), weight_ih, weight_hh, bias_ih, bias_hh, relu,
+                              resets, lengths);
+    at::Tensor h_n = last_state(y, lengths, has_lead(h0));
     ctx->save_for_backward({x, h0, weight_ih, weight_hh, bias_ih.value_or(at::Tensor()),
                             bias_hh.value_or(at::Tensor()), resets.value_or(at::Tensor()),
                             lengths.value_or(at::Tensor())});
@@ -85,10 +94,13 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_y = grads[0];
-    const at::Tensor& grad_h_n = grads[1];
-    if (!grad_y.defined() && !grad_h_n.defined()) return variable_list(9);
+    if (!grad_y.defined() && !grads[1].defined()) return variable_list(9);
+    const at::Tensor grad_h_n = grads[1].defined() ? state_2d(grads[1]) : grads[1];
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &h0 = saved[1], &w_ih = saved[2], &w_hh = saved[3];
+    const at::Tensor& x = saved[0];
+    const at::Tensor& h0_in = saved[1];  // [B, H] or [1, B, H]: dh0 gets its shape
+    const at::Tensor h0 = state_2d(h0_in);
+    const at::Tensor &w_ih = saved[2], &w_hh = saved[3];
     const at::Tensor &b_ih = saved[4], &b_hh = saved[5], &resets = saved[6], &lengths = saved[7];
     const bool relu = ctx->saved_data["relu"].toBool();
     if (at::GradMode::is_enabled() || is_functorch_wrapped(grad_y) ||
@@ -104,7 +116,7 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
       std::vector<at::Tensor> g = grads_op.call(opt(grad_y), opt(grad_h_n), x, h0, w_ih, w_hh,
                                                 opt(b_ih), opt(b_hh), relu, opt(resets),
                                                 opt(lengths));
-      return {g[0], g[1], g[2], g[3], b_ih.defined() ? g[4] : at::Tensor(),
+      return {g[0], g[1].reshape(h0_in.sizes()), g[2], g[3], b_ih.defined() ? g[4] : at::Tensor(),
               b_hh.defined() ? g[5] : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     at::Tensor y = ctx->saved_data["y"].toTensor();
@@ -124,7 +136,8 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     // The two biases get equal gradients; each its own tensor, so their .grad never alias.
     at::Tensor db_ih = b_ih.defined() ? db : at::Tensor();
     at::Tensor db_hh = b_hh.defined() ? (b_ih.defined() ? db.clone() : db) : at::Tensor();
-    return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dh0.reshape(h0_in.sizes()), dw_ih, dw_hh, db_ih, db_hh, at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -144,8 +157,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_plain(
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, bool relu, const std::optional<at::Tensor>& resets,
     const std::optional<at::Tensor>& lengths) {
-  at::Tensor y = forward_op(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets, lengths);
-  return {y, last_state(y, lengths)};
+  at::Tensor y = forward_op(x, state_2d(h0), weight_ih, weight_hh, bias_ih, bias_hh, relu, resets,
+                            lengths);
+  return {y, last_state(y, lengths, has_lead(h0))};
 }
 
 }  // namespace

@@ -16,7 +16,9 @@ TORCH_LIBRARY(fused_bptt, m) {
       "rnn_backward(Tensor grad_y, Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor y, bool relu, Tensor? grad_h_n=None, Tensor? resets=None, Tensor? lengths=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // One layer with its autograd in C++ (autograd.cpp): the eager training path.
+  // One layer with its autograd in C++ (autograd.cpp): the eager training path. h0 may also be
+  // [1, B, H] (a one-layer module's hx); h_n then has that shape too, and no view of either is
+  // taken outside the op (each would be one more autograd node per call).
   m.def(
       "rnn_layer(Tensor x, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
       "Tensor? bias_hh, bool relu, Tensor? resets=None, Tensor? lengths=None) -> (Tensor, Tensor)");

@@ -74,8 +74,24 @@ def check_backend_name(backend, who: str = "fused_bptt") -> None:
         )
 
 
+# resolve_backend's answers, by (backend, device type, dtype): they cannot change within a
+# process (the compiled kernels and the CUDA driver do not come and go), and an eager forward
+# then costs a dict lookup instead of the checks. Errors are raised every time, never stored.
+_RESOLVED = {}
+
+
 def resolve_backend(backend: str, x: Tensor) -> str:
     """The backend that will run `x`; raises ValueError/RuntimeError for one that cannot."""
+    if torch.compiler.is_compiling():  # a traced graph holds the answer as a constant anyway
+        return _resolve_backend(backend, x)
+    key = (backend, x.device.type, x.dtype)
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _resolve_backend(backend, x)
+    return found
+
+
+def _resolve_backend(backend: str, x: Tensor) -> str:
     check_backend_name(backend)
     _check_runnable_dtype(x)
     if backend == "reference":
@@ -264,29 +280,46 @@ def layer_forward(
     resets: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """One layer on a resolved backend, arguments already checked; returns (y, h_n)."""
+    """One layer on a resolved backend, arguments already checked; returns (y, h_n). h0 may be
+    [B, H] or [1, B, H] (a one-layer module's hx), and h_n then has the same shape: the C++ op
+    takes either, and no view (an autograd node each) is taken on its eager training path."""
+    compiling = torch.compiler.is_compiling()
+    if (
+        backend != "reference"
+        and not compiling
+        and torch.is_grad_enabled()
+        and (x.requires_grad or h0.requires_grad or weight_ih.requires_grad)
+        and not torch.jit.is_tracing()
+        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        and not _needs_differentiable_ops((x, h0, weight_ih, weight_hh, bias_ih, bias_hh))
+    ):
+        # autograd in C++: eager training (the common case, tested first)
+        return torch.ops.fused_bptt.rnn_layer(
+            x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, resets, lengths
+        )
+    lead = h0.dim() == 3
+    if lead:
+        h0 = h0.squeeze(0)
     args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh)
     bounds = (resets, lengths)
-    if backend == "reference" or (
-        not torch.compiler.is_compiling() and _needs_differentiable_ops(args)
-    ):
+    if backend == "reference" or (not compiling and _needs_differentiable_ops(args)):
         y = reference.rnn_forward(*args, relu, *bounds)
     elif torch.jit.is_tracing():
         # The op with its registered autograd: one graph for the trace, with or without grad.
         y = torch.ops.fused_bptt.rnn_forward(*args, relu, *bounds)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        if (
-            torch.compiler.is_compiling()
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-        ):
-            # The Python Function: Dynamo traces it, and saved-tensor hooks see y through it.
-            return RNNLayerFunction.apply(*args, relu, *bounds)
-        # autograd in C++: eager training
-        return torch.ops.fused_bptt.rnn_layer(*args, relu, *bounds)
+        # The Python Function: Dynamo traces it, and saved-tensor hooks see y through it; and
+        # the C++ op where only a weight other than weight_ih requires grad.
+        if compiling or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            y, h_n = RNNLayerFunction.apply(*args, relu, *bounds)
+        else:
+            y, h_n = torch.ops.fused_bptt.rnn_layer(*args, relu, *bounds)
+        return y, (h_n.unsqueeze(0) if lead else h_n)
     else:  # no graph is recorded: the op alone, without the autograd.Function's bookkeeping
         y = _forward_op(*args, relu, *bounds)
     # A copy, not a view: a carried-over h_n must not keep the whole chunk's y alive.
-    return y, last_state(y, lengths)
+    h_n = last_state(y, lengths)
+    return y, (h_n.unsqueeze(0) if lead else h_n)
 
 
 def rnn_layer(

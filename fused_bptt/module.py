@@ -228,9 +228,9 @@ class FusedRNN(nn.RNN):
         backend = resolve_backend(self.backend, x)
         per_layer = 4 if self.bias else 2
         reverse = _Reversal(x, resets, lengths) if num_directions == 2 else None
-        # Each layer's initial state as a view of hx: with one state, squeeze (whose backward is a
-        # view too) rather than hx[0] (whose backward allocates zeros like hx and copies in).
-        states = (hx.squeeze(0),) if hx.size(0) == 1 else hx.unbind(0)
+        # Each layer's initial state: with one state, hx itself ([1, B, H]; layer_forward returns
+        # h_n as [1, B, H] then, and no view of either is an autograd node); otherwise views.
+        states = (hx,) if hx.size(0) == 1 else hx.unbind(0)
         finals = []
         for layer in range(self.num_layers):
             outputs = []
@@ -259,7 +259,7 @@ class FusedRNN(nn.RNN):
             x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        return x, (finals[0].unsqueeze(0) if len(finals) == 1 else torch.stack(finals))
+        return x, (finals[0] if len(finals) == 1 else torch.stack(finals))
 
 
 class _Reversal:

@@ -147,6 +147,54 @@ def test_opcheck(backend, bias, dtype):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bounds", [None, "lengths"])
+def test_rnn_layer_takes_a_one_layer_state(backend, bounds):
+    """rnn_layer takes h0 as [B, H] or as a one-layer module's [1, B, H]; h_n and dh0 then have
+    that shape, with the same numbers, and the op's outputs hang off its own node (no view node
+    in between: FusedRNN passes hx this way). First and second order, and under FakeTensorMode."""
+    device = device_of(backend)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(5, 3, 4, 6, torch.float64, device)
+    lengths = torch.tensor([5, 1, 3], device=device) if bounds else None
+    results = []
+    for state in (h0, h0.unsqueeze(0)):
+        leaves = [t.detach().requires_grad_() for t in (x, state, w_ih, w_hh, b_ih, b_hh)]
+        y, h_n = ops.rnn_layer(*leaves, False, None, lengths)
+        assert h_n.shape == state.shape and "RnnLayerFunction" in h_n.grad_fn.name()
+        loss = (y * y.detach().cos()).sum() + (h_n * h_n).sum()
+        grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        assert grads[1].shape == state.shape
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+        results.append([y, h_n.reshape(h0.shape), *grads, *second])
+    names = ["y", "h_n", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    names += [f"d2 {n}" for n in names[2:]]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(a.reshape(b.shape), b, rtol=1e-12, atol=1e-12, msg=name)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = (x, h0.unsqueeze(0), w_ih, w_hh, b_ih, b_hh)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in real]
+        fake_lengths = mode.from_tensor(lengths) if bounds else None
+        y, h_n = ops.rnn_layer(*fake, False, None, fake_lengths)
+        assert y.shape == (5, 3, 6) and h_n.shape == (1, 3, 6)
+
+
+def test_fused_rnn_one_layer_graph_has_no_view_nodes():
+    """A one-layer FusedRNN hands hx to the layer op as it is: h_n comes straight from the op's
+    node and dh0 goes straight to hx (each view would be one more autograd node per call)."""
+    rnn = fused_bptt.FusedRNN(4, 6)
+    hx = torch.randn(1, 3, 6, requires_grad=True)
+    y, h_n = rnn(torch.randn(5, 3, 4), hx)
+    assert "RnnLayerFunction" in h_n.grad_fn.name()
+    assert y.grad_fn.name() == h_n.grad_fn.name()
+    assert any(
+        next_fn is not None and next_fn.variable is hx
+        for next_fn, _ in h_n.grad_fn.next_functions
+        if hasattr(next_fn, "variable")
+    )
+
+
 def bytes_kept(fn):
     """Calls fn() and returns (its result, the bytes it allocated and did not free): the CPU
     allocator's own accounting, read through the profiler."""

@@ -17,7 +17,9 @@
 // Structure, and why:
 // - The input projection of all T steps is one GEMM over the T*B rows, written straight into y;
 //   only h_{t-1} W_hh^T is sequential. The biases are added inside the step, not in a pass of
-//   their own.
+//   their own. Where it was measured faster (small H, a row tile per thread: rnn_cpu.h,
+//   fuse_input_projection) the step kernel computes x_t W_ih^T itself instead, in the same
+//   tile as h_{t-1} W_hh^T, and y is only written.
 // - The sequential loop never enters ATen: an ATen op per step costs microseconds of dispatch and
 //   allocation, which at H = 64 is more than the step's arithmetic. Each step is either
 //     * a hand-written register-tiled kernel with the bias, activation (forward) or grad_y and
