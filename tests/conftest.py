@@ -46,7 +46,9 @@ class CPU:
     """What the tests of the CPU kernels (test_cpu_kernel.py, test_lowp.py) sweep."""
 
     # (T, B, I, H): T = 1 and B = 1, I != H, and H around the vector widths (4/8/16 lanes, column
-    # blocks of 8..64) so that full tiles, single vectors and scalar tail columns all run.
+    # strips of 1..4 vectors) so that full tiles, every strip width and scalar tail columns all
+    # run: e.g. float on AVX2 (8 lanes) runs H = 33 as strips of 2 + 2 vectors and a column, 57 as
+    # 3 + 3 + 1 vectors and a column, 70 as 3 + 3 + 2 and 6 columns.
     shapes = [
         (1, 1, 1, 1),
         (1, 3, 5, 17),
@@ -54,6 +56,7 @@ class CPU:
         (6, 5, 17, 3),
         (3, 6, 65, 17),
         (5, 4, 8, 33),
+        (3, 6, 5, 57),
         (3, 9, 4, 70),
     ]
     # Big enough (T * B * H * H >= 2^18, B = 2 register tiles) for the recurrence to split its

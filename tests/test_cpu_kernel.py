@@ -48,7 +48,7 @@ def test_matches_reference(monkeypatch, mode, shape, relu, dtype):
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_every_instruction_set(monkeypatch, isa, relu, dtype):
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
-    for shape in [(4, 5, 3, 70), CPU.parallel_shape]:
+    for shape in [(4, 5, 3, 70), (3, 6, 5, 57), CPU.parallel_shape]:
         check_against_reference(shape, dtype, relu, bias=True)
 
 

@@ -89,19 +89,19 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
         });
     return;
   }
-  // The tile wants w as [K, N] = W_hh^T (and W_ih^T): one transpose per call.
-  const at::Tensor w_t = w_hh.t().contiguous();
-  const at::Tensor w_ih_t = fused_input ? w_ih.t().contiguous() : at::Tensor();
-  const scalar_t* wt = w_t.data_ptr<scalar_t>();
+  // The kernel's w: W_hh^T (and W_ih^T), packed once per call.
+  std::vector<scalar_t> w_t(H * H), w_ih_t(fused_input ? s.I * H : 0);
+  k.pack(w_hh.data_ptr<scalar_t>(), H, H, 1, H, w_t.data());
+  if (fused_input) k.pack(w_ih.data_ptr<scalar_t>(), s.I, H, 1, s.I, w_ih_t.data());
   const scalar_t* xp = x.data_ptr<scalar_t>();
   std::vector<scalar_t> part(BH);
   kernel_recurrence</*kReverse=*/false>(
       s, bounds, yp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
         const bool carry = kind == RowKind::kCarry;
-        k.forward(carry ? h_prev(t) + a * H : nullptr, wt, part.data() + a * H, b,
+        k.forward(carry ? h_prev(t) + a * H : nullptr, w_t.data(), part.data() + a * H, b,
                   yp + t * BH + a * H, e - a, carry ? H : 0, H, relu,
                   fused_input ? xp + (t * B + a) * s.I : nullptr, s.I,
-                  fused_input ? w_ih_t.data_ptr<scalar_t>() : nullptr);
+                  fused_input ? w_ih_t.data() : nullptr);
       });
 }
 
@@ -167,13 +167,15 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
           k.backward(nullptr, nullptr, nullptr, dzp + o, H, yp + o, dzp + o, e - a, 0, H, relu);
         });
   } else {
-    std::vector<scalar_t> part(BH);
+    std::vector<scalar_t> w(H * H), part(BH);  // the kernel's w: W_hh, packed
+    k.pack(whh, H, H, H, 1, w.data());
     kernel_recurrence</*kReverse=*/true>(
         s, bounds, dzp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
           const int64_t o = t * BH + a * H;
           const bool carry = kind == RowKind::kCarry;
-          k.backward(carry ? dzp + o + BH : nullptr, whh, part.data() + a * H, grad_at(kind, t, a),
-                     grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H, relu);
+          k.backward(carry ? dzp + o + BH : nullptr, w.data(), part.data() + a * H,
+                     grad_at(kind, t, a), grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H,
+                     relu);
         });
   }
 

@@ -46,7 +46,10 @@ bool use_blas_step(GemmMode mode, int64_t H) {
 // tiles: measured on AVX-512 (2 cores, float32 and float64), the forward ran 18% faster at
 // T/B/I/H 256/8/64/64 and 1-5% at 128/{8,16,32}/128/128, 10% at 128/16/1024/128, but 7% slower at
 // 64/8/256/256, 25-30% with one row tile (B <= 4 on 2 threads: the GEMM used both cores) and
-// 14% with AVX2 at H = 128. FUSED_BPTT_CPU_INPUT = gemm | kernel forces either path (tests).
+// 14% with AVX2 at H = 128. On Zen 3 (AVX2, 2 cores, packed w) it ran 23% slower at 256/8/64/64,
+// 40% at 128/16/128/128 and 57% at 64/32/256/256 (paired, interleaved calls): MKL's GEMM there does
+// the input projection at about twice the step kernel's rate. FUSED_BPTT_CPU_INPUT = gemm | kernel
+// forces either path (tests).
 template <typename T>
 bool fuse_input_projection(const StepKernels<T>& k, const RnnShape& s) {
   enum { kAuto, kGemm, kKernel };

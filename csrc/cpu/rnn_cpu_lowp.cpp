@@ -35,9 +35,9 @@ namespace fused_bptt {
 namespace cpu {
 namespace {
 
-// t (or its transpose) as a dense float32 matrix.
-at::Tensor widened(const at::Tensor& t, bool transposed = false) {
-  return (transposed ? t.t() : t).to(at::kFloat, false, false, at::MemoryFormat::Contiguous);
+// t as a dense float32 matrix.
+at::Tensor widened(const at::Tensor& t) {
+  return t.to(at::kFloat, false, false, at::MemoryFormat::Contiguous);
 }
 
 at::Tensor float_buffer(int64_t rows, int64_t cols, const at::Tensor& like) {
@@ -133,9 +133,9 @@ void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
         });
     return;
   }
-  const at::Tensor w = widened(w_hh, /*transposed=*/true);  // the kernel's w = W_hh^T
-  const float* wp = w.data_ptr<float>();
-  std::vector<float> part(BH);
+  std::vector<float> w(H * H), part(BH);  // the kernel's w: W_hh^T, widened and packed
+  k.pack(w_hh.data_ptr<S>(), H, H, 1, H, w.data());
+  const float* wp = w.data();
   kernel_recurrence</*kReverse=*/false>(
       s, bounds, yp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
         const int64_t o = t * BH + a * H;
@@ -193,9 +193,9 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
                      dzp + o, e - a, 0, H, relu);
         });
   } else {
-    const at::Tensor w = widened(w_hh);  // the kernel's w = W_hh
-    const float* wp = w.data_ptr<float>();
-    std::vector<float> part(BH);
+    std::vector<float> w(H * H), part(BH);  // the kernel's w: W_hh, widened and packed
+    k.pack(w_hh.data_ptr<S>(), H, H, H, 1, w.data());
+    const float* wp = w.data();
     kernel_recurrence</*kReverse=*/true>(
         s, bounds, dzp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
           const int64_t o = t * BH + a * H;

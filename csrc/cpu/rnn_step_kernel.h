@@ -1,10 +1,12 @@
 // rnn_step_kernel.h: one time step of the recurrence, fused with its elementwise work, for the
 // widest instruction set this CPU has (AVX-512, AVX2+FMA, or SSE2), picked at run time.
 //
-// On B rows of an [B, N] output, with acc = a @ w, a: [B, K], w: [K, N] row-major:
+// On B rows of an [B, N] output, with acc = a @ w, a: [B, K] row-major, w: [K, N] as the same
+// table's pack() lays it out (once per call; packed panels, see rnn_step_kernel.inc):
 //   forward:  y_t  = act(y_t + bias + acc)        a = h_{t-1}, w = W_hh^T, y_t = x_t W_ih^T on entry
 //             y_t  = act(bias + x_t W_ih^T + acc) with x_t ([B, I], rows I apart) and w_ih_t =
-//                                                 W_ih^T ([I, N]) given: y_t is then only written
+//                                                 W_ih^T ([I, N], packed) given: y_t is then only
+//                                                 written
 //   backward: dz_t = (dy_t + acc) * act'(y_t)     a = dz_{t+1}, w = W_hh; dy_t's rows are ldy apart
 // K = 0 makes acc = 0 (the elementwise pass alone, after a BLAS step).
 // part: [B, N] scratch for partial sums when K > 128 (unused, may be nullptr, otherwise).
@@ -56,6 +58,9 @@ struct StepKernels {
                   int64_t N, bool relu, const T* x_t, int64_t I, const T* w_ih_t);
   void (*backward)(const T* a, const T* w, T* part, const T* dy_t, int64_t ldy, const T* y_t,
                    T* dz_t, int64_t B, int64_t K, int64_t N, bool relu);
+  // out (K * N elements) = the w of a [K, N] matrix whose element (k, n) is src[k * sk + n * sn]:
+  // sk = N, sn = 1 for a row-major [K, N]; sk = 1, sn = K for the transpose of a row-major [N, K].
+  void (*pack)(const T* src, int64_t K, int64_t N, int64_t sk, int64_t sn, T* out);
   const char* isa;  // "avx512", "avx2", "sse2"
 };
 
@@ -67,6 +72,8 @@ struct LowPrecisionStepKernels {
   void (*backward)(const float* a, const float* w, float* part, const S* dy_t, int64_t ldy,
                    const float* add, const S* y_t, float* dz_t, int64_t B, int64_t K, int64_t N,
                    bool relu);
+  // As StepKernels<T>::pack, widening the weights to float32 (exactly) on the way.
+  void (*pack)(const S* src, int64_t K, int64_t N, int64_t sk, int64_t sn, float* out);
   const char* isa;  // "avx512", "avx2", "sse2"
 };
 
