@@ -53,6 +53,19 @@ def test_every_instruction_set(monkeypatch, isa, relu, dtype):
 
 
 @pytest.mark.parametrize("isa", CPU.isas)
+def test_auto_step_path_on_both_sides_of_its_size_limits(monkeypatch, isa, dtype):
+    """auto takes the step kernel up to a weight size that depends on the instruction set (1 MiB
+    with AVX-512, 16 MiB with AVX2/SSE2: rnn_cpu.h) and one BLAS call per step beyond it; H just
+    past each limit, in whichever path it lands on this machine."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", "auto")
+    monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
+    size = torch.empty((), dtype=dtype).element_size()
+    for H in {(1 << 20) // size, (16 << 20) // size}:
+        H = int(H**0.5) + 1
+        check_against_reference((2, 3, 2, H), dtype, relu=False, grad_h_n=True)
+
+
+@pytest.mark.parametrize("isa", CPU.isas)
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_input_projection_gemm_or_kernel(monkeypatch, isa, relu, dtype):
     """x_t W_ih^T as a GEMM before the loop or inside the step kernel, on every instruction set:

@@ -23,8 +23,9 @@
 // - The sequential loop never enters ATen: an ATen op per step costs microseconds of dispatch and
 //   allocation, which at H = 64 is more than the step's arithmetic. Each step is either
 //     * a hand-written register-tiled kernel with the bias, activation (forward) or grad_y and
-//       act' (backward) fused into its epilogue (rnn_step_kernel.inc), while W_hh fits in L2
-//       (float32: H <= 512): at small H a BLAS call's fixed overhead would dominate the step.
+//       act' (backward) fused into its epilogue (rnn_step_kernel.inc), while W_hh is below the
+//       size measured for the instruction set (rnn_cpu.h, use_blas_step: float32 H <= 512 with
+//       AVX-512, H <= 2048 with AVX2): at small H a BLAS call's fixed overhead would dominate.
 //       Threads split the batch rows and each runs all T steps on its own rows: rows of the batch
 //       are independent sequences, so no thread ever waits for another (no barrier per step);
 //     * or, for larger H, one BLAS GEMM (cpu_gemm.h: MKL's sgemm_ resolved at run time, threaded

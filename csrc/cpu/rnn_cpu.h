@@ -20,11 +20,20 @@
 namespace fused_bptt {
 namespace cpu {
 
-// The hand-written step streams all of W_hh from cache every step: it wins while W_hh fits in a
-// core's L2 (2 MiB on the machines measured; 1 MiB and more on current x86 server cores). From
-// there on (float32, and the widened weights of bfloat16/float16: H > 512) a step is one BLAS
-// call, whose blocking and threads do better and whose call overhead no longer matters.
-constexpr int64_t kKernelMaxWeightBytes = 1 << 20;
+// The hand-written step streams all of W_hh from cache every step; beyond a size a step is one
+// BLAS call instead (float32, and the widened weights of bfloat16/float16). Measured per machine,
+// the only guide there is, and keyed by the instruction set of the kernels:
+// - AVX-512 (Xeon, 2 MiB L2; before w was packed per strip): the kernel won while W_hh fitted in
+//   L2, so 1 MiB (float32 H <= 512).
+// - AVX2 (Zen 3, 512 KiB L2, 32 MiB L3; packed w): the kernel beat the BLAS step (MKL) from L3 up
+//   to H = 2048 float32, 16 MiB. Paired, interleaved calls, kernel / BLAS step time, fwd and bwd:
+//   float32 H = 1024 0.90/0.90 at B = 64, 0.59/0.73 at B = 8; H = 2048 0.92/0.96 at B = 64,
+//   0.84/0.70 at B = 8; bfloat16 H = 1024 0.86/0.93 at B = 64, 0.46/0.69 at B = 8; float64 H = 1024
+//   1.06/1.00 at B = 64, 0.59/0.82 at B = 8. At H = 4096 (64 MiB, beyond L3) it lost: 1.24/1.04
+//   at B = 64. SSE2 takes the AVX2 figure (not measured apart).
+constexpr int64_t kKernelMaxWeightBytesAvx512 = 1 << 20;
+constexpr int64_t kKernelMaxWeightBytesAvx2 = 16 << 20;
+
 // Below this much work a call stays on one thread: starting the others costs microseconds.
 constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
 constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
@@ -33,9 +42,11 @@ constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwis
 // (float32 for bfloat16/float16 too). FUSED_BPTT_CPU_GEMM=blas takes the BLAS step at every size.
 template <typename W>
 bool use_blas_step(GemmMode mode, int64_t H) {
-  return mode == GemmMode::kBlas ||
-         (mode == GemmMode::kAuto && blas_available(mode) &&
-          H * H * static_cast<int64_t>(sizeof(W)) > kKernelMaxWeightBytes);
+  if (mode == GemmMode::kBlas) return true;
+  if (mode != GemmMode::kAuto || !blas_available(mode)) return false;
+  const bool avx512 = std::strcmp(step_kernels<W>().isa, "avx512") == 0;
+  const int64_t limit = avx512 ? kKernelMaxWeightBytesAvx512 : kKernelMaxWeightBytesAvx2;
+  return H * H * static_cast<int64_t>(sizeof(W)) > limit;
 }
 
 // Whether the float32/float64 forward computes x_t W_ih^T inside the step kernel (the tile runs
