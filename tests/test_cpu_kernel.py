@@ -60,8 +60,8 @@ def test_auto_step_path_on_both_sides_of_its_size_limits(monkeypatch, isa, dtype
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", "auto")
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
     size = torch.empty((), dtype=dtype).element_size()
-    for H in {(1 << 20) // size, (16 << 20) // size}:
-        H = int(H**0.5) + 1
+    for limit in (1 << 20, 16 << 20):  # bytes of W_hh
+        H = int((limit // size) ** 0.5) + 1
         check_against_reference((2, 3, 2, H), dtype, relu=False, grad_h_n=True)
 
 

@@ -68,7 +68,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   scalar_t* yp = y.data_ptr<scalar_t>();
   auto h_prev = [&](int64_t t) { return t == 0 ? h0p : yp + (t - 1) * BH; };
 
-  const bool blas_step = use_blas_step<scalar_t>(mode, H);
+  const bool blas_step = use_blas_step<scalar_t>(k, mode, H);
   const bool fused_input = !blas_step && fuse_input_projection(k, s);
   // y = x W_ih^T over all T*B rows at once (or, fused_input, inside each step).
   if (!fused_input) {
@@ -147,7 +147,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   auto zero_rows = [&](scalar_t* p, int64_t rows) { std::fill(p, p + rows * H, scalar_t(0)); };
 
   // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
-  if (use_blas_step<scalar_t>(mode, H)) {
+  if (use_blas_step<scalar_t>(k, mode, H)) {
     // dz_t := the incoming gradient, += dz_{t+1} W_hh (one GEMM per run that carries), then the
     // elementwise pass in place.
     blas_recurrence</*kReverse=*/true>(

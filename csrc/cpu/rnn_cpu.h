@@ -38,14 +38,20 @@ constexpr int64_t kKernelMaxWeightBytesAvx2 = 16 << 20;
 constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
 constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
 
-// Whether a step is one BLAS call rather than the hand-written kernel, whose weights are W
-// (float32 for bfloat16/float16 too). FUSED_BPTT_CPU_GEMM=blas takes the BLAS step at every size.
-template <typename W>
-bool use_blas_step(GemmMode mode, int64_t H) {
+// Whether k (a StepKernels table of any dtype) is the AVX-512 one.
+template <typename Kernels>
+bool avx512_kernels(const Kernels& k) {
+  return std::strcmp(k.isa, "avx512") == 0;
+}
+
+// Whether a step is one BLAS call rather than the hand-written kernel k of the call, whose
+// weights are W (float32 for bfloat16/float16 too). FUSED_BPTT_CPU_GEMM=blas takes the BLAS step
+// at every size.
+template <typename W, typename Kernels>
+bool use_blas_step(const Kernels& k, GemmMode mode, int64_t H) {
   if (mode == GemmMode::kBlas) return true;
   if (mode != GemmMode::kAuto || !blas_available(mode)) return false;
-  const bool avx512 = std::strcmp(step_kernels<W>().isa, "avx512") == 0;
-  const int64_t limit = avx512 ? kKernelMaxWeightBytesAvx512 : kKernelMaxWeightBytesAvx2;
+  const int64_t limit = avx512_kernels(k) ? kKernelMaxWeightBytesAvx512 : kKernelMaxWeightBytesAvx2;
   return H * H * static_cast<int64_t>(sizeof(W)) > limit;
 }
 
@@ -69,10 +75,10 @@ bool fuse_input_projection(const StepKernels<T>& k, const RnnShape& s) {
   const int64_t row_bytes = s.H * static_cast<int64_t>(sizeof(T));
   const bool threaded = s.T * s.B * s.H * s.H >= kParallelMinFma;
   const int64_t threads = threaded ? at::get_num_threads() : 1;
-  return std::strcmp(k.isa, "avx512") == 0 && row_bytes >= 256 &&  // whole 4-vector tiles
-         s.H * row_bytes <= (64 << 10) &&                          // W_hh^T in 64 KiB
-         s.I * row_bytes <= (512 << 10) &&                         // W_ih^T in 512 KiB
-         s.B >= kStepRows * threads;                               // a row tile per thread
+  return avx512_kernels(k) && row_bytes >= 256 &&  // whole 4-vector tiles
+         s.H * row_bytes <= (64 << 10) &&          // W_hh^T in 64 KiB
+         s.I * row_bytes <= (512 << 10) &&         // W_ih^T in 512 KiB
+         s.B >= kStepRows * threads;               // a row tile per thread
 }
 
 // Runs fn(r0, r1) on parts of the batch rows [0, B), one per thread, in whole register tiles.

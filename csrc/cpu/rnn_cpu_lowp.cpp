@@ -115,7 +115,7 @@ void forward_lowp(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
     Operand xo(x, s.I), wo(w_ih, s.I);
     gemms(false, true, T * B, H, s.I, xo, 0, wo, 0, 0, xwp, H);
   }
-  if (use_blas_step<float>(mode, H)) {
+  if (use_blas_step<float>(k, mode, H)) {
     // h_{t-1} W_hh^T added into the projection of step t, then the elementwise pass (K = 0).
     Operand w(w_hh, H);
     Operand h(h0, H);  // the state entering step h_step: made (and widened) once per step
@@ -170,7 +170,7 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   };
   auto zero_rows = [&](float* p, int64_t rows) { std::fill(p, p + rows * H, 0.0f); };
 
-  if (use_blas_step<float>(mode, H)) {
+  if (use_blas_step<float>(k, mode, H)) {
     const at::Tensor whh_wide = gemms.float32() ? widened(w_hh) : at::Tensor();
     std::vector<float> product(BH);  // dz_{t+1} W_hh, for the rows that carry
     blas_recurrence</*kReverse=*/true>(
