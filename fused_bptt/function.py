@@ -74,7 +74,7 @@ def check_backend_name(backend, who: str = "fused_bptt") -> None:
         )
 
 
-# resolve_backend's answers, by (backend, device type, dtype): they cannot change within a
+# resolve_backend's answers, by (backend, device, dtype): they cannot change within a
 # process (the compiled kernels and the CUDA driver do not come and go), and an eager forward
 # then costs a dict lookup instead of the checks. Errors are raised every time, never stored.
 _RESOLVED = {}
@@ -84,7 +84,7 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     """The backend that will run `x`; raises ValueError/RuntimeError for one that cannot."""
     if torch.compiler.is_compiling():  # a traced graph holds the answer as a constant anyway
         return _resolve_backend(backend, x)
-    key = (backend, x.device.type, x.dtype)
+    key = (backend, x.device, x.dtype)  # the device itself: cheaper to read than its type
     found = _RESOLVED.get(key)
     if found is None:
         found = _RESOLVED[key] = _resolve_backend(backend, x)

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ._checks import check_bool_layout, check_boundaries
 from .export import onnx_export_active, onnx_forward
-from .function import check_backend_name, layer_forward, resolve_backend
+from .function import _RESOLVED, check_backend_name, layer_forward, resolve_backend
 
 
 class FusedRNN(nn.RNN):
@@ -112,6 +112,10 @@ class FusedRNN(nn.RNN):
         resets: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
+        if resets is None and lengths is None and type(input) is Tensor and _plain_eager():
+            out = self._forward_eager(input, hx)
+            if out is not None:
+                return out
         if onnx_export_active():  # torch.onnx.export: the graph is ONNX's RNN op (export.py)
             if resets is not None:
                 raise NotImplementedError(
@@ -165,6 +169,48 @@ class FusedRNN(nn.RNN):
             output = output.squeeze(batch_dim)
             h_n = h_n.squeeze(1)
         return output, h_n
+
+    def _forward_eager(self, input: Tensor, hx: Optional[Tensor]):
+        """forward's common case in few Python steps (on a small layer each step costs about as
+        much as the arithmetic): one layer in one direction, batched input, hx None or [1, B, H],
+        a backend already resolved for the input's device and dtype and not the reference. It
+        calls the op the general path calls (layer_forward's C++ autograd op, exact with or
+        without grad) and lets the op check the rest (dtypes, devices, T >= 1; its checks are at
+        least nn.RNN's). Anything else, or an error from the op, returns None: the general path
+        then runs with its own checks and raises nn.RNN's error, so nothing is raised here."""
+        shape = input.shape
+        if self.num_layers != 1 or self.bidirectional or len(shape) != 3:
+            return None
+        batch_first = self.batch_first
+        batch = shape[0] if batch_first else shape[1]
+        if shape[2] != self.input_size:
+            return None
+        if hx is None:
+            hx = self._zero_state(batch, input)
+        elif type(hx) is not Tensor or hx.shape != (1, batch, self.hidden_size):
+            return None
+        # resolve_backend's answer, read from its cache: a first call resolves it (with its errors)
+        # on the general path
+        resolved = _RESOLVED.get((self.backend, input.device, input.dtype))
+        if resolved is None or resolved == "reference":
+            return None
+        weights = self._weights()
+        bias_ih, bias_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        try:
+            y, h_n = _rnn_layer_op()(
+                input.transpose(0, 1) if batch_first else input,
+                hx,
+                weights[0],
+                weights[1],
+                bias_ih,
+                bias_hh,
+                self.nonlinearity == "relu",
+                None,
+                None,
+            )
+        except (RuntimeError, ValueError, TypeError):
+            return None  # bad input: the general path raises nn.RNN's error for it
+        return (y.transpose(0, 1) if batch_first else y), h_n
 
     def _autocast_args(self, input: Tensor, hx: Optional[Tensor]):
         """(input, hx, weights in nn.RNN's order, whether autocast is on). Under autocast, nn.RNN's
@@ -260,6 +306,45 @@ class FusedRNN(nn.RNN):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
         return x, (finals[0] if len(finals) == 1 else torch.stack(finals))
+
+
+_RNN_LAYER = None
+
+
+def _rnn_layer_op():
+    """torch.ops.fused_bptt.rnn_layer (its one overload) as the builtin that OpOverload.__call__
+    calls, looked up once: the attribute chain and the extra Python frame cost microseconds a
+    call. The same op, dispatched the same way."""
+    global _RNN_LAYER
+    if _RNN_LAYER is None:
+        overload = torch.ops.fused_bptt.rnn_layer.default
+        _RNN_LAYER = getattr(overload, "_op", overload)
+    return _RNN_LAYER
+
+
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
+_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+_any_autocast = torch._C._is_any_autocast_enabled
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_forward_ad = torch.autograd.forward_ad
+_saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def _plain_eager() -> bool:
+    """True in plain eager mode, where FusedRNN._forward_eager may run: no torch.compile or
+    export tracing, no jit.trace, no autocast, no torch.func transform or forward-mode AD level,
+    no saved-tensor hooks. Each of those takes the general path (layer_forward). is_compiling
+    comes first: Dynamo reads it as a constant and never traces the rest."""
+    return not (
+        _is_compiling()
+        or _is_tracing()
+        or _is_exporting()
+        or _any_autocast()
+        or _functorch_level() is not None
+        or _forward_ad._current_level >= 0
+        or _saved_tensor_hooks(False) is not None
+    )
 
 
 class _Reversal:

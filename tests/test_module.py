@@ -207,3 +207,147 @@ def test_swap_rnn_replaces_every_nn_rnn_with_same_weights():
     assert type(single) is FusedRNN
     with pytest.raises(TypeError, match="expects a torch.nn.RNN, but got Linear"):
         FusedRNN.from_rnn(nn.Linear(2, 3))
+
+
+def _spy_on_eager_path(monkeypatch):
+    """A list that records, for each FusedRNN forward, whether _forward_eager answered it."""
+    taken = []
+    inner = FusedRNN._forward_eager
+
+    def spy(self, input, hx):
+        out = inner(self, input, hx)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(FusedRNN, "_forward_eager", spy)
+    return taken
+
+
+def _run_both_paths(monkeypatch, module, x, h0, grad_mode):
+    """(out, h_n, gradients) of module(x, h0) through forward as it is, then with
+    FusedRNN._forward_eager switched off (the general path); a grad_mode of "inference" or
+    "no_grad" runs the forward only."""
+    import fused_bptt.module as module_py
+
+    results = []
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(module_py, "_plain_eager", lambda: False)
+        xs = x.detach().clone().requires_grad_(grad_mode == "grad")
+        hs = None if h0 is None else h0.detach().clone().requires_grad_(grad_mode == "grad")
+        if grad_mode == "grad":
+            out, hn = module(xs, hs)
+            inputs = [xs] + ([] if hs is None else [hs]) + list(module.parameters())
+            grads = torch.autograd.grad((out * out.detach()).sum() + (hn * 3).sum(), inputs)
+        else:
+            with torch.inference_mode() if grad_mode == "inference" else torch.no_grad():
+                out, hn = module(xs, hs)
+            grads = ()
+        results.append((out, hn, grads))
+    return results
+
+
+@pytest.mark.parametrize("grad_mode", ["grad", "no_grad", "inference"])
+@pytest.mark.parametrize(
+    "config", list(itertools.product([True, False], [False, True], ["tanh", "relu"]))
+)
+@pytest.mark.parametrize("hx", [True, False], ids=["hx", "no_hx"])
+def test_eager_fast_path_gives_the_general_paths_bits(monkeypatch, config, hx, grad_mode):
+    """One layer in one direction, plain eager: forward takes _forward_eager, and its output, h_n
+    and gradients are the general path's, bit for bit (float32: any difference would show)."""
+    bias, batch_first, nonlinearity = config
+    torch.manual_seed(0)
+    fused = FusedRNN(
+        3, 5, bias=bias, batch_first=batch_first, nonlinearity=nonlinearity, backend="cpp"
+    )
+    x = torch.randn(4, 6, 3)
+    h0 = torch.randn(1, 4 if batch_first else 6, 5) if hx else None
+    fused(x)  # the first call of a (backend, device, dtype) resolves it on the general path
+    taken = _spy_on_eager_path(monkeypatch)
+    (out_e, hn_e, g_e), (out_g, hn_g, g_g) = _run_both_paths(monkeypatch, fused, x, h0, grad_mode)
+    assert taken == [True], "the eager path did not answer the common case"
+    assert out_e.shape == out_g.shape and hn_e.shape == hn_g.shape == (
+        1,
+        x.shape[0 if batch_first else 1],
+        5,
+    )
+    assert torch.equal(out_e, out_g) and torch.equal(hn_e, hn_g)
+    assert out_e.is_inference() == out_g.is_inference() == (grad_mode == "inference")
+    assert out_e.requires_grad == out_g.requires_grad == (grad_mode == "grad")
+    assert len(g_e) == len(g_g)
+    for a, b in zip(g_e, g_g):
+        assert torch.equal(a, b)
+
+
+def test_eager_fast_path_declines_what_it_does_not_cover(monkeypatch):
+    """Every case outside the fast path's plan goes to the general path (whose own tests cover
+    it), and bad input gets nn.RNN's errors from there: the fast path raises nothing."""
+    taken = _spy_on_eager_path(monkeypatch)
+    torch.manual_seed(0)
+    fused, x, h0 = FusedRNN(3, 5, backend="cpp"), torch.randn(4, 2, 3), torch.randn(1, 2, 5)
+    fused(x)  # resolves (cpp, cpu, float32)
+    taken.clear()
+    declined = {
+        "two layers": lambda: FusedRNN(3, 5, num_layers=2, backend="cpp")(x),
+        "bidirectional": lambda: FusedRNN(3, 5, bidirectional=True, backend="cpp")(x),
+        "reference backend": lambda: FusedRNN(3, 5, backend="reference")(x),
+        "unbatched": lambda: fused(x[:, 0]),
+        "float64 input": lambda: fused(x.double()),
+        "hx of another batch": lambda: fused(x, torch.randn(1, 3, 5)),
+        "hx of another dtype": lambda: fused(x, h0.double()),
+        "2-D hx": lambda: fused(x, h0[0]),
+        "no steps": lambda: fused(x[:0]),
+        "input size": lambda: fused(torch.randn(4, 2, 4)),
+        "autocast": lambda: _under(torch.autocast("cpu", dtype=torch.bfloat16), fused, x),
+        "saved-tensor hooks": lambda: _under(
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), fused, x
+        ),
+        "jit.trace": lambda: torch.jit.trace(fused, (x,), check_trace=False),
+        "torch.func": lambda: torch.func.vmap(lambda xi: fused(xi)[0], in_dims=1)(x),
+        "resets": lambda: fused(x, resets=torch.zeros(4, 2, dtype=torch.bool)),
+        "lengths": lambda: fused(x, lengths=torch.tensor([4, 2])),
+    }
+    for name, call in declined.items():
+        taken.clear()
+        try:
+            call()
+        except (RuntimeError, ValueError):
+            pass  # nn.RNN's error, from the general path (test_validation_matches_nn_rnn)
+        assert True not in taken, f"{name}: the fast path answered"
+    taken.clear()
+    fused(x, h0)
+    assert taken == [True]
+
+
+def _under(context, module, x):
+    with context:
+        return module(x)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_eager_fast_path_errors_are_the_general_paths(monkeypatch, batch_first):
+    """Input that passes the fast path's own checks but not the op's (dtypes, no steps): the op's
+    error sends it to the general path, which raises its own error (nn.RNN's where nn.RNN has
+    one: test_validation_matches_nn_rnn), class and message alike."""
+    import fused_bptt.module as module_py
+
+    fused = FusedRNN(3, 4, batch_first=batch_first)
+    for dtype in (torch.float32, torch.float64):  # both dtypes resolved: the fast path runs
+        FusedRNN(3, 4, dtype=dtype)(torch.randn(2, 1, 3, dtype=dtype))
+    x = torch.randn(2, 5, 3) if batch_first else torch.randn(5, 2, 3)
+    cases = {
+        "float64 input": (x.double(),),
+        "float64 input and hx": (x.double(), torch.randn(1, 2, 4, dtype=torch.float64)),
+        "float64 hx": (x, torch.randn(1, 2, 4, dtype=torch.float64)),
+        "no steps": (x[:, :0] if batch_first else x[:0],),
+    }
+    for name, args in cases.items():
+        with monkeypatch.context() as general:
+            general.setattr(module_py, "_plain_eager", lambda: False)
+            with pytest.raises(Exception) as expected:
+                fused(*args)
+        taken = _spy_on_eager_path(monkeypatch)
+        with pytest.raises(type(expected.value)) as got:
+            fused(*args)
+        assert str(got.value) == str(expected.value), name
+        assert taken == [False], f"{name}: {taken}"
