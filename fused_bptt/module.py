@@ -172,22 +172,25 @@ class FusedRNN(nn.RNN):
 
     def _forward_eager(self, input: Tensor, hx: Optional[Tensor]):
         """forward's common case in few Python steps (on a small layer each step costs about as
-        much as the arithmetic): one layer in one direction, batched input, hx None or [1, B, H],
-        a backend already resolved for the input's device and dtype and not the reference. It
-        calls the op the general path calls (layer_forward's C++ autograd op, exact with or
-        without grad) and lets the op check the rest (dtypes, devices, T >= 1; its checks are at
-        least nn.RNN's). Anything else, or an error from the op, returns None: the general path
-        then runs with its own checks and raises nn.RNN's error, so nothing is raised here."""
+        much as the arithmetic): one direction, any number of layers, batched input, hx None or
+        [num_layers, B, H], a backend already resolved for the input's device and dtype and not
+        the reference. It runs the ops the general path runs, in the same order (per layer
+        layer_forward's C++ autograd op, exact with or without grad; dropout between layers;
+        hx.unbind and torch.stack around a stack of layers), so the results are the same bits,
+        and lets the op check the rest (dtypes, devices, T >= 1; its checks are at least
+        nn.RNN's). Anything else, or an error from an op, returns None: the general path then
+        runs with its own checks and raises nn.RNN's error, so nothing is raised here."""
         shape = input.shape
-        if self.num_layers != 1 or self.bidirectional or len(shape) != 3:
+        if self.bidirectional or len(shape) != 3:
             return None
         batch_first = self.batch_first
         batch = shape[0] if batch_first else shape[1]
+        layers = self.num_layers
         if shape[2] != self.input_size:
             return None
         if hx is None:
             hx = self._zero_state(batch, input)
-        elif type(hx) is not Tensor or hx.shape != (1, batch, self.hidden_size):
+        elif type(hx) is not Tensor or hx.shape != (layers, batch, self.hidden_size):
             return None
         # resolve_backend's answer, read from its cache: a first call resolves it (with its errors)
         # on the general path
@@ -195,22 +198,34 @@ class FusedRNN(nn.RNN):
         if resolved is None or resolved == "reference":
             return None
         weights = self._weights()
-        bias_ih, bias_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        relu = self.nonlinearity == "relu"
+        x = input.transpose(0, 1) if batch_first else input
         try:
-            y, h_n = _rnn_layer_op()(
-                input.transpose(0, 1) if batch_first else input,
-                hx,
-                weights[0],
-                weights[1],
-                bias_ih,
-                bias_hh,
-                self.nonlinearity == "relu",
-                None,
-                None,
-            )
+            if layers == 1:  # hx itself ([1, B, H]), and h_n comes back as [1, B, H]
+                bias = (weights[2], weights[3]) if self.bias else (None, None)
+                x, h_n = _rnn_layer_op()(x, hx, weights[0], weights[1], *bias, relu, None, None)
+            else:
+                x, h_n = self._eager_layers(x, hx, weights, relu)
         except (RuntimeError, ValueError, TypeError):
             return None  # bad input: the general path raises nn.RNN's error for it
-        return (y.transpose(0, 1) if batch_first else y), h_n
+        return (x.transpose(0, 1) if batch_first else x), h_n
+
+    def _eager_layers(self, x: Tensor, hx: Tensor, weights, relu: bool):
+        """_run_layers' loop for a stack of layers in one direction, without its per-layer
+        checks (_forward_eager has made them): the same ops in the same order."""
+        op = _rnn_layer_op()
+        per_layer = 4 if self.bias else 2
+        last = self.num_layers - 1
+        dropout = self.dropout if self.training else 0.0
+        finals = []
+        for layer, h0 in enumerate(hx.unbind(0)):
+            w = weights[layer * per_layer : (layer + 1) * per_layer]
+            bias = (w[2], w[3]) if self.bias else (None, None)
+            x, h_last = op(x, h0, w[0], w[1], *bias, relu, None, None)
+            finals.append(h_last)
+            if dropout > 0 and layer < last:
+                x = F.dropout(x, dropout, training=True)
+        return x, torch.stack(finals)
 
     def _autocast_args(self, input: Tensor, hx: Optional[Tensor]):
         """(input, hx, weights in nn.RNN's order, whether autocast is on). Under autocast, nn.RNN's

@@ -233,6 +233,7 @@ def _run_both_paths(monkeypatch, module, x, h0, grad_mode):
     for eager in (True, False):
         if not eager:
             monkeypatch.setattr(module_py, "_plain_eager", lambda: False)
+        torch.manual_seed(7)  # the same dropout masks on both paths
         xs = x.detach().clone().requires_grad_(grad_mode == "grad")
         hs = None if h0 is None else h0.detach().clone().requires_grad_(grad_mode == "grad")
         if grad_mode == "grad":
@@ -252,31 +253,40 @@ def _run_both_paths(monkeypatch, module, x, h0, grad_mode):
     "config", list(itertools.product([True, False], [False, True], ["tanh", "relu"]))
 )
 @pytest.mark.parametrize("hx", [True, False], ids=["hx", "no_hx"])
-def test_eager_fast_path_gives_the_general_paths_bits(monkeypatch, config, hx, grad_mode):
-    """One layer in one direction, plain eager: forward takes _forward_eager, and its output, h_n
-    and gradients are the general path's, bit for bit (float32: any difference would show)."""
+@pytest.mark.parametrize("layers", [1, 2, 3], ids=["L1", "L2", "L3-dropout"])
+def test_eager_fast_path_gives_the_general_paths_bits(monkeypatch, layers, config, hx, grad_mode):
+    """One direction, plain eager: forward takes _forward_eager, and its output, h_n and
+    gradients are the general path's, bit for bit (float32: any difference would show); with
+    three layers in training mode, dropout between them, the same masks."""
     bias, batch_first, nonlinearity = config
     torch.manual_seed(0)
     fused = FusedRNN(
-        3, 5, bias=bias, batch_first=batch_first, nonlinearity=nonlinearity, backend="cpp"
+        3,
+        5,
+        num_layers=layers,
+        bias=bias,
+        batch_first=batch_first,
+        nonlinearity=nonlinearity,
+        dropout=0.5 if layers == 3 else 0.0,
+        backend="cpp",
     )
     x = torch.randn(4, 6, 3)
-    h0 = torch.randn(1, 4 if batch_first else 6, 5) if hx else None
+    batch = x.shape[0 if batch_first else 1]
+    h0 = torch.randn(layers, batch, 5) if hx else None
     fused(x)  # the first call of a (backend, device, dtype) resolves it on the general path
     taken = _spy_on_eager_path(monkeypatch)
     (out_e, hn_e, g_e), (out_g, hn_g, g_g) = _run_both_paths(monkeypatch, fused, x, h0, grad_mode)
     assert taken == [True], "the eager path did not answer the common case"
-    assert out_e.shape == out_g.shape and hn_e.shape == hn_g.shape == (
-        1,
-        x.shape[0 if batch_first else 1],
-        5,
-    )
+    assert out_e.shape == out_g.shape and hn_e.shape == hn_g.shape == (layers, batch, 5)
     assert torch.equal(out_e, out_g) and torch.equal(hn_e, hn_g)
     assert out_e.is_inference() == out_g.is_inference() == (grad_mode == "inference")
     assert out_e.requires_grad == out_g.requires_grad == (grad_mode == "grad")
     assert len(g_e) == len(g_g)
     for a, b in zip(g_e, g_g):
         assert torch.equal(a, b)
+    if layers == 3:  # dropout was applied: the output differs from an eval-mode run
+        with torch.no_grad():
+            assert not torch.equal(fused.eval()(x, h0)[0], out_e)
 
 
 def test_eager_fast_path_declines_what_it_does_not_cover(monkeypatch):
@@ -288,7 +298,7 @@ def test_eager_fast_path_declines_what_it_does_not_cover(monkeypatch):
     fused(x)  # resolves (cpp, cpu, float32)
     taken.clear()
     declined = {
-        "two layers": lambda: FusedRNN(3, 5, num_layers=2, backend="cpp")(x),
+        "hx of one layer for two": lambda: FusedRNN(3, 5, num_layers=2, backend="cpp")(x, h0),
         "bidirectional": lambda: FusedRNN(3, 5, bidirectional=True, backend="cpp")(x),
         "reference backend": lambda: FusedRNN(3, 5, backend="reference")(x),
         "unbatched": lambda: fused(x[:, 0]),
