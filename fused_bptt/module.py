@@ -172,25 +172,27 @@ class FusedRNN(nn.RNN):
 
     def _forward_eager(self, input: Tensor, hx: Optional[Tensor]):
         """forward's common case in few Python steps (on a small layer each step costs about as
-        much as the arithmetic): one direction, any number of layers, batched input, hx None or
-        [num_layers, B, H], a backend already resolved for the input's device and dtype and not
-        the reference. It runs the ops the general path runs, in the same order (per layer
-        layer_forward's C++ autograd op, exact with or without grad; dropout between layers;
-        hx.unbind and torch.stack around a stack of layers), so the results are the same bits,
-        and lets the op check the rest (dtypes, devices, T >= 1; its checks are at least
-        nn.RNN's). Anything else, or an error from an op, returns None: the general path then
-        runs with its own checks and raises nn.RNN's error, so nothing is raised here."""
+        much as the arithmetic): any number of layers and directions, batched input without
+        resets or lengths, hx None or [num_layers * num_directions, B, H], a backend already
+        resolved for the input's device and dtype and not the reference. It runs the ops the
+        general path runs, in the same order (per layer and direction layer_forward's C++
+        autograd op, exact with or without grad; the time flips and the concatenation of two
+        directions; dropout between layers; hx.unbind and torch.stack around more than one
+        layer or direction), so the results are the same bits, and lets the op check the rest
+        (dtypes, devices, T >= 1; its checks are at least nn.RNN's). Anything else, or an error
+        from an op, returns None: the general path then runs with its own checks and raises
+        nn.RNN's error, so nothing is raised here."""
         shape = input.shape
-        if self.bidirectional or len(shape) != 3:
+        if len(shape) != 3:
             return None
         batch_first = self.batch_first
         batch = shape[0] if batch_first else shape[1]
-        layers = self.num_layers
+        states = self.num_layers * (2 if self.bidirectional else 1)
         if shape[2] != self.input_size:
             return None
         if hx is None:
             hx = self._zero_state(batch, input)
-        elif type(hx) is not Tensor or hx.shape != (layers, batch, self.hidden_size):
+        elif type(hx) is not Tensor or hx.shape != (states, batch, self.hidden_size):
             return None
         # resolve_backend's answer, read from its cache: a first call resolves it (with its errors)
         # on the general path
@@ -201,7 +203,7 @@ class FusedRNN(nn.RNN):
         relu = self.nonlinearity == "relu"
         x = input.transpose(0, 1) if batch_first else input
         try:
-            if layers == 1:  # hx itself ([1, B, H]), and h_n comes back as [1, B, H]
+            if states == 1:  # hx itself ([1, B, H]), and h_n comes back as [1, B, H]
                 bias = (weights[2], weights[3]) if self.bias else (None, None)
                 x, h_n = _rnn_layer_op()(x, hx, weights[0], weights[1], *bias, relu, None, None)
             else:
@@ -211,18 +213,29 @@ class FusedRNN(nn.RNN):
         return (x.transpose(0, 1) if batch_first else x), h_n
 
     def _eager_layers(self, x: Tensor, hx: Tensor, weights, relu: bool):
-        """_run_layers' loop for a stack of layers in one direction, without its per-layer
+        """_run_layers' loops for a stack of layers or two directions, without its per-layer
         checks (_forward_eager has made them): the same ops in the same order."""
         op = _rnn_layer_op()
         per_layer = 4 if self.bias else 2
+        directions = 2 if self.bidirectional else 1
         last = self.num_layers - 1
         dropout = self.dropout if self.training else 0.0
+        states = hx.unbind(0)
         finals = []
-        for layer, h0 in enumerate(hx.unbind(0)):
-            w = weights[layer * per_layer : (layer + 1) * per_layer]
-            bias = (w[2], w[3]) if self.bias else (None, None)
-            x, h_last = op(x, h0, w[0], w[1], *bias, relu, None, None)
-            finals.append(h_last)
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                w = weights[index * per_layer : (index + 1) * per_layer]
+                bias = (w[2], w[3]) if self.bias else (None, None)
+                if direction == 0:
+                    y, h_last = op(x, states[index], w[0], w[1], *bias, relu, None, None)
+                else:  # the forward recurrence over the time-flipped input (_Reversal.flip)
+                    y, h_last = op(x.flip(0), states[index], w[0], w[1], *bias, relu, None, None)
+                    y = y.flip(0)
+                outputs.append(y)
+                finals.append(h_last)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
             if dropout > 0 and layer < last:
                 x = F.dropout(x, dropout, training=True)
         return x, torch.stack(finals)

@@ -254,16 +254,20 @@ def _run_both_paths(monkeypatch, module, x, h0, grad_mode):
 )
 @pytest.mark.parametrize("hx", [True, False], ids=["hx", "no_hx"])
 @pytest.mark.parametrize("layers", [1, 2, 3], ids=["L1", "L2", "L3-dropout"])
-def test_eager_fast_path_gives_the_general_paths_bits(monkeypatch, layers, config, hx, grad_mode):
-    """One direction, plain eager: forward takes _forward_eager, and its output, h_n and
-    gradients are the general path's, bit for bit (float32: any difference would show); with
-    three layers in training mode, dropout between them, the same masks."""
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_eager_fast_path_gives_the_general_paths_bits(
+    monkeypatch, bidirectional, layers, config, hx, grad_mode
+):
+    """Plain eager: forward takes _forward_eager, and its output, h_n and gradients are the
+    general path's, bit for bit (float32: any difference would show); with three layers in
+    training mode, dropout between them, the same masks."""
     bias, batch_first, nonlinearity = config
     torch.manual_seed(0)
     fused = FusedRNN(
         3,
         5,
         num_layers=layers,
+        bidirectional=bidirectional,
         bias=bias,
         batch_first=batch_first,
         nonlinearity=nonlinearity,
@@ -272,12 +276,13 @@ def test_eager_fast_path_gives_the_general_paths_bits(monkeypatch, layers, confi
     )
     x = torch.randn(4, 6, 3)
     batch = x.shape[0 if batch_first else 1]
-    h0 = torch.randn(layers, batch, 5) if hx else None
+    states = layers * (2 if bidirectional else 1)
+    h0 = torch.randn(states, batch, 5) if hx else None
     fused(x)  # the first call of a (backend, device, dtype) resolves it on the general path
     taken = _spy_on_eager_path(monkeypatch)
     (out_e, hn_e, g_e), (out_g, hn_g, g_g) = _run_both_paths(monkeypatch, fused, x, h0, grad_mode)
     assert taken == [True], "the eager path did not answer the common case"
-    assert out_e.shape == out_g.shape and hn_e.shape == hn_g.shape == (layers, batch, 5)
+    assert out_e.shape == out_g.shape and hn_e.shape == hn_g.shape == (states, batch, 5)
     assert torch.equal(out_e, out_g) and torch.equal(hn_e, hn_g)
     assert out_e.is_inference() == out_g.is_inference() == (grad_mode == "inference")
     assert out_e.requires_grad == out_g.requires_grad == (grad_mode == "grad")
@@ -299,7 +304,7 @@ def test_eager_fast_path_declines_what_it_does_not_cover(monkeypatch):
     taken.clear()
     declined = {
         "hx of one layer for two": lambda: FusedRNN(3, 5, num_layers=2, backend="cpp")(x, h0),
-        "bidirectional": lambda: FusedRNN(3, 5, bidirectional=True, backend="cpp")(x),
+        "hx of one direction for two": lambda: FusedRNN(3, 5, bidirectional=True)(x, h0),
         "reference backend": lambda: FusedRNN(3, 5, backend="reference")(x),
         "unbatched": lambda: fused(x[:, 0]),
         "float64 input": lambda: fused(x.double()),
