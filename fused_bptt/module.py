@@ -200,14 +200,23 @@ class FusedRNN(nn.RNN):
         if resolved is None or resolved == "reference":
             return None
         weights = self._weights()
-        relu = self.nonlinearity == "relu"
         x = input.transpose(0, 1) if batch_first else input
         try:
             if states == 1:  # hx itself ([1, B, H]), and h_n comes back as [1, B, H]
-                bias = (weights[2], weights[3]) if self.bias else (None, None)
-                x, h_n = _rnn_layer_op()(x, hx, weights[0], weights[1], *bias, relu, None, None)
+                bias_ih, bias_hh = (weights[2], weights[3]) if self.bias else (None, None)
+                x, h_n = _rnn_layer_op()(
+                    x,
+                    hx,
+                    weights[0],
+                    weights[1],
+                    bias_ih,
+                    bias_hh,
+                    self.nonlinearity == "relu",
+                    None,
+                    None,
+                )
             else:
-                x, h_n = self._eager_layers(x, hx, weights, relu)
+                x, h_n = self._eager_layers(x, hx, weights, self.nonlinearity == "relu")
         except (RuntimeError, ValueError, TypeError):
             return None  # bad input: the general path raises nn.RNN's error for it
         return (x.transpose(0, 1) if batch_first else x), h_n
