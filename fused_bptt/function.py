@@ -84,11 +84,16 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     """The backend that will run `x`; raises ValueError/RuntimeError for one that cannot."""
     if torch.compiler.is_compiling():  # a traced graph holds the answer as a constant anyway
         return _resolve_backend(backend, x)
-    key = (backend, x.device, x.dtype)  # the device itself: cheaper to read than its type
-    found = _RESOLVED.get(key)
+    found = resolved_backend(backend, x)
     if found is None:
-        found = _RESOLVED[key] = _resolve_backend(backend, x)
+        found = _RESOLVED[(backend, x.device, x.dtype)] = _resolve_backend(backend, x)
     return found
+
+
+def resolved_backend(backend: str, x: Tensor) -> Optional[str]:
+    """resolve_backend's stored answer for `x`, or None before its first call for x's device and
+    dtype (the device itself is the key: cheaper to read than its type)."""
+    return _RESOLVED.get((backend, x.device, x.dtype))
 
 
 def _resolve_backend(backend: str, x: Tensor) -> str:

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ._checks import check_bool_layout, check_boundaries
-from .export import onnx_export_active, onnx_forward
-from .function import _RESOLVED, check_backend_name, layer_forward, resolve_backend
+from .export import _torch_is_exporting, onnx_export_active, onnx_forward
+from .function import check_backend_name, layer_forward, resolve_backend, resolved_backend
 
 
 class FusedRNN(nn.RNN):
@@ -194,9 +194,9 @@ class FusedRNN(nn.RNN):
             hx = self._zero_state(batch, input)
         elif type(hx) is not Tensor or hx.shape != (states, batch, self.hidden_size):
             return None
-        # resolve_backend's answer, read from its cache: a first call resolves it (with its errors)
-        # on the general path
-        resolved = _RESOLVED.get((self.backend, input.device, input.dtype))
+        # resolve_backend's stored answer: a first call resolves it (with its errors) on the
+        # general path
+        resolved = resolved_backend(self.backend, input)
         if resolved is None or resolved == "reference":
             return None
         weights = self._weights()
@@ -216,38 +216,19 @@ class FusedRNN(nn.RNN):
                     None,
                 )
             else:
-                x, h_n = self._eager_layers(x, hx, weights, self.nonlinearity == "relu")
+                op, relu = _rnn_layer_op(), self.nonlinearity == "relu"
+                x, h_n = self._layers(
+                    x,
+                    hx,
+                    weights,
+                    lambda x, h0, w_ih, w_hh, b_ih, b_hh, flip: op(
+                        x, h0, w_ih, w_hh, b_ih, b_hh, relu, None, None
+                    ),
+                    _Reversal(x, None, None) if self.bidirectional else None,
+                )
         except (RuntimeError, ValueError, TypeError):
             return None  # bad input: the general path raises nn.RNN's error for it
         return (x.transpose(0, 1) if batch_first else x), h_n
-
-    def _eager_layers(self, x: Tensor, hx: Tensor, weights, relu: bool):
-        """_run_layers' loops for a stack of layers or two directions, without its per-layer
-        checks (_forward_eager has made them): the same ops in the same order."""
-        op = _rnn_layer_op()
-        per_layer = 4 if self.bias else 2
-        directions = 2 if self.bidirectional else 1
-        last = self.num_layers - 1
-        dropout = self.dropout if self.training else 0.0
-        states = hx.unbind(0)
-        finals = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                index = layer * directions + direction
-                w = weights[index * per_layer : (index + 1) * per_layer]
-                bias = (w[2], w[3]) if self.bias else (None, None)
-                if direction == 0:
-                    y, h_last = op(x, states[index], w[0], w[1], *bias, relu, None, None)
-                else:  # the forward recurrence over the time-flipped input (_Reversal.flip)
-                    y, h_last = op(x.flip(0), states[index], w[0], w[1], *bias, relu, None, None)
-                    y = y.flip(0)
-                outputs.append(y)
-                finals.append(h_last)
-            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
-            if dropout > 0 and layer < last:
-                x = F.dropout(x, dropout, training=True)
-        return x, torch.stack(finals)
 
     def _autocast_args(self, input: Tensor, hx: Optional[Tensor]):
         """(input, hx, weights in nn.RNN's order, whether autocast is on). Under autocast, nn.RNN's
@@ -306,11 +287,26 @@ class FusedRNN(nn.RNN):
         nn.RNN's order (_flat_weights_names), resets [T, B] bool and lengths [B] int64 (both
         checked) or None. The module has checked every shape: each layer goes straight to the
         backend (the ops check again, in C++)."""
-        num_directions = 2 if self.bidirectional else 1
         relu = self.nonlinearity == "relu"
         backend = resolve_backend(self.backend, x)
+        reverse = _Reversal(x, resets, lengths) if self.bidirectional else None
+
+        def run(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, flip):
+            bounds = (reverse.resets, lengths) if flip else (resets, lengths)
+            return layer_forward(
+                backend, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, relu, *bounds
+            )
+
+        return self._layers(x, hx, weights, run, reverse)
+
+    def _layers(self, x: Tensor, hx: Tensor, weights, run, reverse: Optional["_Reversal"]):
+        """The loop over layers and directions of _run_layers and _forward_eager: run(x, h0,
+        weight_ih, weight_hh, bias_ih, bias_hh, flip) -> (y, h_last) computes one layer in one
+        direction (flip: the reverse one, the forward recurrence over x flipped in time by
+        `reverse`, whose y is flipped back here); dropout between layers; h_n the stacked last
+        states."""
+        num_directions = 2 if self.bidirectional else 1
         per_layer = 4 if self.bias else 2
-        reverse = _Reversal(x, resets, lengths) if num_directions == 2 else None
         # Each layer's initial state: with one state, hx itself ([1, B, H]; layer_forward returns
         # h_n as [1, B, H] then, and no view of either is an autograd node); otherwise views.
         states = (hx,) if hx.size(0) == 1 else hx.unbind(0)
@@ -321,19 +317,9 @@ class FusedRNN(nn.RNN):
                 index = layer * num_directions + direction
                 w = weights[index * per_layer : (index + 1) * per_layer]
                 bias_ih, bias_hh = (w[2], w[3]) if self.bias else (None, None)
-                # The reverse direction is the forward recurrence over the time-flipped input
-                # (each sequence flipped within its own length).
                 flip = direction == 1
-                y, h_last = layer_forward(
-                    backend,
-                    reverse.flip(x) if flip else x,
-                    states[index],
-                    *w[:2],
-                    bias_ih,
-                    bias_hh,
-                    relu,
-                    reverse.resets if flip else resets,
-                    lengths,
+                y, h_last = run(
+                    reverse.flip(x) if flip else x, states[index], *w[:2], bias_ih, bias_hh, flip
                 )
                 if flip:
                     y = reverse.flip(y)
@@ -361,7 +347,6 @@ def _rnn_layer_op():
 
 _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch._C._is_tracing
-_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 _any_autocast = torch._C._is_any_autocast_enabled
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 _forward_ad = torch.autograd.forward_ad
@@ -376,7 +361,7 @@ def _plain_eager() -> bool:
     return not (
         _is_compiling()
         or _is_tracing()
-        or _is_exporting()
+        or _torch_is_exporting()
         or _any_autocast()
         or _functorch_level() is not None
         or _forward_ad._current_level >= 0
