@@ -8,6 +8,9 @@ Paths, chosen through environment variables the ops read on every call:
     FUSED_BPTT_CPU_ISA = avx512 | avx2 | sse2 caps the instruction set of the step kernel.
     FUSED_BPTT_CPU_INPUT = auto | gemm | kernel: the forward's x_t W_ih^T as one GEMM before the
         loop, or inside the step kernel (auto: the kernel where it was measured faster)
+    FUSED_BPTT_CPU_OVERLAP = auto | on | off: the recurrence on one thread while the others run
+        the GEMMs chunk by chunk, or threads splitting the rows (auto: overlapped where measured
+        faster, small batches)
 """
 
 import pytest
@@ -90,6 +93,65 @@ def test_input_projection_auto_is_one_of_the_two(monkeypatch):
         out[where] = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
     assert torch.equal(out["auto"], out["gemm"]) or torch.equal(out["auto"], out["kernel"])
     assert not torch.equal(out["gemm"], out["kernel"])  # two different sums: the switch works
+
+
+# One row tile, two (a partial one), several; one or many chunks; chunks of >= 128 rows (dW_ih
+# in per-chunk partial sums); T not a multiple of the chunk; H > 128 (K-chunked tiles).
+OVERLAP_SHAPES = [(1, 1, 3, 5), (37, 1, 4, 9), (29, 6, 5, 17), (64, 16, 7, 33), (9, 3, 4, 150)]
+
+
+@pytest.mark.parametrize("overlap", ["on", "off"])
+@pytest.mark.parametrize("shape", OVERLAP_SHAPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_overlapped_recurrence(monkeypatch, restore_threads, overlap, shape, relu, dtype):
+    """The recurrence on one thread overlapped with the chunked GEMMs (and its serial order on a
+    single thread, where the recurrence computes the chunks it needs itself) against the float64
+    reference, and against the split rows to rounding (the GEMMs around the recurrence run in
+    chunks of steps, whose blocking may round differently)."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", overlap)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(check_against_reference(shape, dtype, relu, grad_h_n=True))
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
+    y_split, grads_split = check_against_reference(shape, dtype, relu, grad_h_n=True)
+    for y, grads in results:
+        assert_close(y, y_split, dtype=dtype, name="y overlapped vs split rows")
+        for name, a, b in zip(GRAD_NAMES, grads, grads_split):
+            assert_close(a, b, dtype=dtype, name=f"{name} overlapped vs split rows")
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 7, 33), (40, 2, 5, 8)], ids=str)
+def test_overlapped_backward_is_deterministic(monkeypatch, shape):
+    """The chunks run on whichever thread takes them, but each output and each partial sum of
+    dW_ih has one fixed order: two calls give the same bits."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "on")
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*shape, torch.float32)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    assert torch.equal(y, ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False))
+    grad_y = torch.randn_like(y)
+    first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+    for _ in range(5):
+        again = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+        for name, a, b in zip(GRAD_NAMES, first, again):
+            assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+
+
+def test_overlap_auto_is_one_of_the_two(monkeypatch, restore_threads):
+    """auto overlaps a batch of one row tile on two threads and splits the rows of a big batch:
+    its bits are those of on, or of off, as the rule says."""
+    torch.set_num_threads(2)
+    for shape, overlapped in [((256, 2, 64, 64), True), ((64, 32, 64, 64), False)]:
+        x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*shape, torch.float32)
+        grad_y = torch.randn(shape[0], shape[1], shape[3])
+        out = {}
+        for mode in ("auto", "on", "off"):
+            monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", mode)
+            y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+            out[mode] = (y, *ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False))
+        want = out["on" if overlapped else "off"]
+        for name, a, b in zip(("y",) + GRAD_NAMES, out["auto"], want):
+            assert torch.equal(a, b), f"{shape} {name}: auto is not {overlapped=}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -204,6 +266,10 @@ def test_rejects_unknown_switch_values(monkeypatch):
     ):
         ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
     monkeypatch.delenv("FUSED_BPTT_CPU_INPUT")
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "yes")
+    with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_OVERLAP must be one of auto, on, off"):
+        ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
+    monkeypatch.delenv("FUSED_BPTT_CPU_OVERLAP")
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", "avx9000")
     with pytest.raises(
         RuntimeError, match="FUSED_BPTT_CPU_ISA must be one of auto, avx512, avx2, sse2"

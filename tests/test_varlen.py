@@ -299,15 +299,22 @@ def test_cpp_kernel_checks_boundaries():
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled CPU kernels are not built")
-@pytest.mark.parametrize("mode", ["auto", "aten", "blas", "input-in-kernel"])
-@pytest.mark.parametrize("shape", [(5, 9, 3, 7), (4, 11, 5, 133), (6, 64, 8, 40)], ids=str)
+@pytest.mark.parametrize("mode", ["auto", "aten", "blas", "input-in-kernel", "overlapped"])
+@pytest.mark.parametrize(
+    "shape",
+    [(5, 9, 3, 7), (4, 11, 5, 133), (6, 64, 8, 40), (40, 4, 6, 9), (24, 16, 5, 12)],
+    ids=str,
+)
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 def test_cpu_kernel_paths(monkeypatch, mode, shape, dtype):
     """Every CPU step path (hand-written kernel, K > 128 partial sums, BLAS per step, threads over
-    rows; the forward's input projection inside the step kernel) with resets and lengths, against
-    the float64 loop."""
+    rows; the forward's input projection inside the step kernel; the recurrence on one thread
+    overlapped with chunked GEMMs, with and without dW_ih partial sums) with resets and lengths,
+    against the float64 loop."""
     if mode == "input-in-kernel":
         monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", "kernel")
+    elif mode == "overlapped":
+        monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "on")
     else:
         monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
         monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", "gemm")

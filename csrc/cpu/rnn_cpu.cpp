@@ -32,10 +32,15 @@
 //       by MKL) followed by the same kernel with K = 0 as the fused elementwise pass.
 // - Backward runs the reverse loop producing dz [T, B, H], then every weight gradient and dx as a
 //   single GEMM over all T*B rows (dW_hh as two, because h0 is not stored next to y).
+// - Small batches (one row tile; two at small H in the backward: rnn_cpu.h, overlap_chunk_steps),
+//   where splitting the rows among threads gains little or nothing: one thread runs the
+//   recurrence over all rows while the others run, chunk by chunk of steps, the forward's input
+//   projection ahead of it or the backward's dx (and dW_ih in partial sums) behind it.
 // - Determinism: every output element is computed by one fixed sequence of operations; in the
 //   recurrence threads split rows, never a reduction, so results are the same bits run after run
 //   and, in the recurrence, for any thread count (the BLAS GEMMs and db's column sum may round
-//   differently across thread counts).
+//   differently across thread counts, and so may the chunked GEMMs of the overlapped path, which
+//   a thread count can switch on or off).
 // - bfloat16 and float16 run the same structure in rnn_cpu_lowp.cpp (float32 arithmetic inside).
 #include "cpu/rnn_cpu.h"
 
@@ -45,6 +50,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -70,11 +76,16 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
 
   const bool blas_step = use_blas_step<scalar_t>(k, mode, H);
   const bool fused_input = !blas_step && fuse_input_projection(k, s);
-  // y = x W_ih^T over all T*B rows at once (or, fused_input, inside each step).
-  if (!fused_input) {
-    gemm<scalar_t>(mode, false, true, s.T * B, H, s.I, 1, x.data_ptr<scalar_t>(), s.I,
-                   w_ih.data_ptr<scalar_t>(), s.I, 0, yp, H);
-  }
+  const int64_t overlap =
+      blas_step || fused_input ? 0 : overlap_chunk_steps(s, false, H * H * sizeof(scalar_t));
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  // y = x W_ih^T over steps [t0, t1) (all T*B rows at once, or chunk by chunk when overlapped;
+  // with fused_input, inside each step instead).
+  auto project = [&](int64_t t0, int64_t t1) {
+    gemm<scalar_t>(mode, false, true, (t1 - t0) * B, H, s.I, 1, xp + t0 * B * s.I, s.I,
+                   w_ih.data_ptr<scalar_t>(), s.I, 0, yp + t0 * BH, H);
+  };
+  if (!fused_input && overlap == 0) project(0, s.T);
   if (blas_step) {
     const scalar_t* whh = w_hh.data_ptr<scalar_t>();
     blas_recurrence</*kReverse=*/false>(
@@ -94,15 +105,27 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
   std::vector<scalar_t> w_t(H * H), w_ih_t(fused_input ? s.I * H : 0);
   k.pack(w_hh.data_ptr<scalar_t>(), H, H, 1, H, w_t.data());
   if (fused_input) k.pack(w_ih.data_ptr<scalar_t>(), s.I, H, 1, s.I, w_ih_t.data());
-  const scalar_t* xp = x.data_ptr<scalar_t>();
   std::vector<scalar_t> part(BH);
-  kernel_recurrence</*kReverse=*/false>(
-      s, bounds, yp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
-        const bool carry = kind == RowKind::kCarry;
-        k.forward(carry ? h_prev(t) + a * H : nullptr, w_t.data(), part.data() + a * H, b,
-                  yp + t * BH + a * H, e - a, carry ? H : 0, H, relu,
-                  fused_input ? xp + (t * B + a) * s.I : nullptr, s.I,
-                  fused_input ? w_ih_t.data() : nullptr);
+  auto step = [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
+    const bool carry = kind == RowKind::kCarry;
+    k.forward(carry ? h_prev(t) + a * H : nullptr, w_t.data(), part.data() + a * H, b,
+              yp + t * BH + a * H, e - a, carry ? H : 0, H, relu,
+              fused_input ? xp + (t * B + a) * s.I : nullptr, s.I,
+              fused_input ? w_ih_t.data() : nullptr);
+  };
+  if (overlap == 0) return kernel_recurrence</*kReverse=*/false>(s, bounds, yp, step);
+  // One thread runs the steps; the others project chunks of x ahead of it.
+  StepChunks chunks(s.T, overlap);
+  auto project_chunk = [&](int64_t c) { project(chunks.first(c), chunks.last(c)); };
+  overlapped(
+      [&] {
+        recurrence_rows</*kReverse=*/false>(s, bounds, yp, 0, B, step, [&](int64_t i) {
+          if (i < s.T && i % overlap == 0) chunks.wait_for(i / overlap, project_chunk);
+        });
+      },
+      [&] {
+        while (chunks.run_next(project_chunk)) {
+        }
       });
 }
 
@@ -146,8 +169,18 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   const auto grad_ld = [&](RowKind kind) { return kind == RowKind::kLast && at_last ? H : gy_ld; };
   auto zero_rows = [&](scalar_t* p, int64_t rows) { std::fill(p, p + rows * H, scalar_t(0)); };
 
+  // dx = dz W_ih over the steps [t0, t1).
+  auto dx_rows = [&](int64_t t0, int64_t t1) {
+    gemm<scalar_t>(mode, false, false, (t1 - t0) * B, I, H, 1, dzp + t0 * BH, H,
+                   w_ih.data_ptr<scalar_t>(), I, 0, dx.data_ptr<scalar_t>() + t0 * B * I, I);
+  };
+  bool dx_done = false;               // dx computed along with the recurrence (overlapped)
+  std::vector<scalar_t> dw_ih_parts;  // and dW_ih in partial sums, when not empty
+  const bool blas_step = use_blas_step<scalar_t>(k, mode, H);
+  const int64_t overlap = blas_step ? 0 : overlap_chunk_steps(s, true, H * H * sizeof(scalar_t));
+
   // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
-  if (use_blas_step<scalar_t>(k, mode, H)) {
+  if (blas_step) {
     // dz_t := the incoming gradient, += dz_{t+1} W_hh (one GEMM per run that carries), then the
     // elementwise pass in place.
     blas_recurrence</*kReverse=*/true>(
@@ -170,21 +203,69 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   } else {
     std::vector<scalar_t> w(H * H), part(BH);  // the kernel's w: W_hh, packed
     k.pack(whh, H, H, H, 1, w.data());
-    kernel_recurrence</*kReverse=*/true>(
-        s, bounds, dzp, [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
-          const int64_t o = t * BH + a * H;
-          const bool carry = kind == RowKind::kCarry;
-          k.backward(carry ? dzp + o + BH : nullptr, w.data(), part.data() + a * H,
-                     grad_at(kind, t, a), grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H,
-                     relu);
-        });
+    auto step = [&](RowKind kind, int64_t t, int64_t a, int64_t e) {
+      const int64_t o = t * BH + a * H;
+      const bool carry = kind == RowKind::kCarry;
+      k.backward(carry ? dzp + o + BH : nullptr, w.data(), part.data() + a * H, grad_at(kind, t, a),
+                 grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H, relu);
+    };
+    dx_done = overlap > 0;
+    if (!dx_done) {
+      kernel_recurrence</*kReverse=*/true>(s, bounds, dzp, step);
+    } else {
+      // One thread runs the steps (t = T-1 .. 0); the others take dx of each chunk it finishes,
+      // and on chunks of enough rows dW_ih too, as one [H, I] partial sum per chunk (added up in
+      // order below).
+      StepChunks chunks(T, overlap);
+      if (overlap * B >= kOverlapMinPartialRows) dw_ih_parts.resize(chunks.count() * H * I);
+      std::atomic<int64_t> finished{0};  // chunks whose dz the recurrence has written
+      auto dx_chunk = [&](int64_t c) {
+        for (int spins = 0; finished.load(std::memory_order_acquire) <= c;) {
+          StepChunks::spin_pause(spins);
+        }
+        const int64_t t0 = T - chunks.last(c), t1 = T - chunks.first(c);  // its times
+        dx_rows(t0, t1);
+        if (dw_ih_parts.empty()) return;
+        gemm<scalar_t>(mode, true, false, H, I, (t1 - t0) * B, 1, dzp + t0 * BH, H,
+                       x.data_ptr<scalar_t>() + t0 * B * I, I, 0, dw_ih_parts.data() + c * H * I,
+                       I);
+      };
+      auto help = [&] {
+        while (chunks.run_next(dx_chunk)) {
+        }
+      };
+      overlapped(
+          [&] {
+            try {
+              recurrence_rows</*kReverse=*/true>(s, bounds, dzp, 0, B, step, [&](int64_t i) {
+                if (i % overlap == 0 || i == T) {
+                  finished.store((i + overlap - 1) / overlap, std::memory_order_release);
+                }
+              });
+            } catch (...) {  // nothing may wait on it then
+              finished.store(chunks.count(), std::memory_order_release);
+              throw;
+            }
+            help();
+          },
+          help);
+    }
   }
 
   // Everything else is one GEMM over all T*B rows (or a column sum), after the loop.
-  gemm<scalar_t>(mode, true, false, H, I, T * B, 1, dzp, H, x.data_ptr<scalar_t>(), I, 0,
-                 dw_ih.data_ptr<scalar_t>(), I);
-  gemm<scalar_t>(mode, false, false, T * B, I, H, 1, dzp, H, w_ih.data_ptr<scalar_t>(), I, 0,
-                 dx.data_ptr<scalar_t>(), I);
+  if (!dx_done) dx_rows(0, T);
+  if (dw_ih_parts.empty()) {
+    gemm<scalar_t>(mode, true, false, H, I, T * B, 1, dzp, H, x.data_ptr<scalar_t>(), I, 0,
+                   dw_ih.data_ptr<scalar_t>(), I);
+  } else {  // the chunks' partial sums of dW_ih, added in a fixed order
+    scalar_t* d = dw_ih.data_ptr<scalar_t>();
+    const int64_t n = H * I, parts = static_cast<int64_t>(dw_ih_parts.size()) / n;
+    std::copy_n(dw_ih_parts.data(), n, d);
+    for (int64_t c = 1; c < parts; ++c) {
+      const scalar_t* p = dw_ih_parts.data() + c * n;
+      for (int64_t j = 0; j < n; ++j) d[j] += p[j];
+    }
+  }
   // db: ATen's column sum (vectorised for the CPU it runs on, cascade-summed for accuracy; the
   // same bits for the same thread count, like the GEMMs).
   at::sum_out(db, dz.view({T * B, H}), {0});
@@ -257,10 +338,10 @@ RnnGrads rnn_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   const bool dense_rows = grad_y.stride(2) == 1 || s.H == 1;
   const bool one_value = !dense_rows && grad_y.numel() > 0 && grad_y.stride(0) == 0 &&
                          grad_y.stride(1) == 0 && grad_y.stride(2) == 0;
-  const at::Tensor gy = dense_rows  ? grad_y
-                        : one_value ? grad_y.select(0, 0).select(0, 0).contiguous().expand(
-                                          {s.T, s.B, s.H})
-                                    : grad_y.contiguous();
+  const at::Tensor gy = dense_rows ? grad_y
+                        : one_value
+                            ? grad_y.select(0, 0).select(0, 0).contiguous().expand({s.T, s.B, s.H})
+                            : grad_y.contiguous();
   const bool grad_y_is_ours = !dense_rows && !one_value;
   const at::Tensor ghn = grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor();
   if (at::isReducedFloatingType(x.scalar_type())) {
