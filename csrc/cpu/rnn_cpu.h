@@ -193,8 +193,9 @@ void kernel_recurrence(const RnnShape& s, const Bounds& bounds, Out* out, const 
 // waits until the recurrence has finished it). Every element of y and dx is still one dot product
 // over I or H; dW_ih is summed chunk by chunk, in a fixed order.
 // Measured there (paired, interleaved calls, overlapped / split time): one tile, forward 0.80 at
-// T/B/H 256/4/64, 0.91 at 64/4/256, 0.88 at 32/2/512; backward 0.86 at 256/4/64. Two tiles,
-// backward 0.89 at 256/8/64 and 0.88 at 512/8/32, but 1.03 at H = 96 and 1.04 at 128/8/128, and
+// T/B/H 256/4/64, 0.84 at 256/1/64, 0.86 at 256/1/256, 0.91 at 64/4/256, 0.88 at 32/2/512;
+// backward 0.86 at 256/4/64, 0.91 at 256/1/64, 0.92 at 256/1/256. Two tiles, backward 0.89-0.94
+// at 256/8/64 and 0.88 at 512/8/32, but 1.03 at H = 96 and 1.04 at 128/8/128, and
 // the forward 1.06 at 256/8/64: so two tiles overlap in the backward only, and only while W_hh
 // fits kOverlapMaxWeightBytes. Per-chunk partials of dW_ih pay where chunks have at least
 // kOverlapMinPartialRows rows (at 32/2/512, 8 rows a chunk, they made the backward 2x slower).
