@@ -169,15 +169,20 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   const auto grad_ld = [&](RowKind kind) { return kind == RowKind::kLast && at_last ? H : gy_ld; };
   auto zero_rows = [&](scalar_t* p, int64_t rows) { std::fill(p, p + rows * H, scalar_t(0)); };
 
-  // dx = dz W_ih over the steps [t0, t1).
+  // Over the steps [t0, t1): dx = dz W_ih, and dz^T x (dW_ih, or its part of it) into out.
   auto dx_rows = [&](int64_t t0, int64_t t1) {
     gemm<scalar_t>(mode, false, false, (t1 - t0) * B, I, H, 1, dzp + t0 * BH, H,
                    w_ih.data_ptr<scalar_t>(), I, 0, dx.data_ptr<scalar_t>() + t0 * B * I, I);
   };
-  bool dx_done = false;               // dx computed along with the recurrence (overlapped)
-  std::vector<scalar_t> dw_ih_parts;  // and dW_ih in partial sums, when not empty
+  auto dw_ih_rows = [&](int64_t t0, int64_t t1, scalar_t* out) {
+    gemm<scalar_t>(mode, true, false, H, I, (t1 - t0) * B, 1, dzp + t0 * BH, H,
+                   x.data_ptr<scalar_t>() + t0 * B * I, I, 0, out, I);
+  };
   const bool blas_step = use_blas_step<scalar_t>(k, mode, H);
+  // > 0: dx is computed along with the recurrence (overlapped), and dW_ih too, in partial sums,
+  // when dw_ih_parts is not empty.
   const int64_t overlap = blas_step ? 0 : overlap_chunk_steps(s, true, H * H * sizeof(scalar_t));
+  std::vector<scalar_t> dw_ih_parts;
 
   // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
   if (blas_step) {
@@ -209,8 +214,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
       k.backward(carry ? dzp + o + BH : nullptr, w.data(), part.data() + a * H, grad_at(kind, t, a),
                  grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H, relu);
     };
-    dx_done = overlap > 0;
-    if (!dx_done) {
+    if (overlap == 0) {
       kernel_recurrence</*kReverse=*/true>(s, bounds, dzp, step);
     } else {
       // One thread runs the steps (t = T-1 .. 0); the others take dx of each chunk it finishes,
@@ -225,10 +229,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
         }
         const int64_t t0 = T - chunks.last(c), t1 = T - chunks.first(c);  // its times
         dx_rows(t0, t1);
-        if (dw_ih_parts.empty()) return;
-        gemm<scalar_t>(mode, true, false, H, I, (t1 - t0) * B, 1, dzp + t0 * BH, H,
-                       x.data_ptr<scalar_t>() + t0 * B * I, I, 0, dw_ih_parts.data() + c * H * I,
-                       I);
+        if (!dw_ih_parts.empty()) dw_ih_rows(t0, t1, dw_ih_parts.data() + c * H * I);
       };
       auto help = [&] {
         while (chunks.run_next(dx_chunk)) {
@@ -253,10 +254,9 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   }
 
   // Everything else is one GEMM over all T*B rows (or a column sum), after the loop.
-  if (!dx_done) dx_rows(0, T);
+  if (overlap == 0) dx_rows(0, T);
   if (dw_ih_parts.empty()) {
-    gemm<scalar_t>(mode, true, false, H, I, T * B, 1, dzp, H, x.data_ptr<scalar_t>(), I, 0,
-                   dw_ih.data_ptr<scalar_t>(), I);
+    dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>());
   } else {  // the chunks' partial sums of dW_ih, added in a fixed order
     scalar_t* d = dw_ih.data_ptr<scalar_t>();
     const int64_t n = H * I, parts = static_cast<int64_t>(dw_ih_parts.size()) / n;

@@ -206,7 +206,6 @@ class StepChunks {
   StepChunks(int64_t T, int64_t per)
       : T_(T), per_(per), count_((T + per - 1) / per), done_(count_) {}
   int64_t count() const { return count_; }
-  int64_t per() const { return per_; }
   // The chunk's step indices [first, last).
   int64_t first(int64_t c) const { return c * per_; }
   int64_t last(int64_t c) const { return std::min(T_, (c + 1) * per_); }
