@@ -11,6 +11,9 @@ Paths, chosen through environment variables the ops read on every call:
     FUSED_BPTT_CPU_OVERLAP = auto | on | off: the recurrence on one thread while the others run
         the GEMMs chunk by chunk, or threads splitting the rows (auto: overlapped where measured
         faster, small batches)
+    FUSED_BPTT_CPU_PRODUCTS = auto | concurrent | serial: the backward's GEMMs after the
+        recurrence each on one thread, side by side, or one after the other on all threads (auto:
+        side by side on two threads)
 """
 
 import pytest
@@ -154,6 +157,66 @@ def test_overlap_auto_is_one_of_the_two(monkeypatch, restore_threads):
             assert torch.equal(a, b), f"{shape} {name}: auto is not {overlapped=}"
 
 
+# T = 1 (dx's first half is empty), odd T (halves of unequal size), H = 1, a partial row tile,
+# H > 128 (K-chunked tiles). Resets: tests/test_varlen.py, test_cpu_kernel_paths.
+PRODUCTS_SHAPES = [(1, 3, 4, 5), (7, 5, 3, 1), (9, 6, 5, 17), (16, 8, 7, 150)]
+
+
+@pytest.mark.parametrize("products", ["concurrent", "serial"])
+@pytest.mark.parametrize("shape", PRODUCTS_SHAPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_concurrent_products(monkeypatch, restore_threads, products, shape, relu, dtype):
+    """The backward's GEMMs side by side (and, on one thread, one after the other in the same
+    split) against the float64 reference, and against the serial products to rounding."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", products)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(check_against_reference(shape, dtype, relu, grad_h_n=True))
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "serial")
+    y_serial, grads_serial = check_against_reference(shape, dtype, relu, grad_h_n=True)
+    for y, grads in results:
+        assert_close(y, y_serial, dtype=dtype, name="y")
+        for name, a, b in zip(GRAD_NAMES, grads, grads_serial):
+            assert_close(a, b, dtype=dtype, name=f"{name} {products} vs serial")
+
+
+def test_concurrent_products_are_deterministic(monkeypatch, restore_threads):
+    """Whichever thread takes a GEMM, each output is one GEMM of fixed operands: the same bits
+    call after call."""
+    torch.set_num_threads(2)
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "concurrent")
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(33, 16, 24, 40, torch.float32)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    grad_y = torch.randn_like(y)
+    first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+    for _ in range(5):
+        again = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+        for name, a, b in zip(GRAD_NAMES, first, again):
+            assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+
+
+def test_products_auto_is_one_of_the_two(monkeypatch, restore_threads):
+    """auto runs the products side by side on two threads and one after the other on one: its
+    bits are those of concurrent, or of serial, as the rule says."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
+    shape = (64, 16, 48, 64)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*shape, torch.float32)
+    grad_y = torch.randn(shape[0], shape[1], shape[3])
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    for threads, concurrent in [(2, True), (1, False)]:
+        torch.set_num_threads(threads)
+        out = {}
+        for mode in ("auto", "concurrent", "serial"):
+            monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", mode)
+            out[mode] = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+        want = out["concurrent" if concurrent else "serial"]
+        for name, a, b in zip(GRAD_NAMES, out["auto"], want):
+            assert torch.equal(a, b), f"{threads} threads, {name}: auto is not {concurrent=}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_one_value_grad_y_read_as_one_row(dtype):
     """The gradient of y.sum() (a scalar expanded to [T, B, H], strides 0) and other expanded
@@ -270,6 +333,13 @@ def test_rejects_unknown_switch_values(monkeypatch):
     with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_OVERLAP must be one of auto, on, off"):
         ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
     monkeypatch.delenv("FUSED_BPTT_CPU_OVERLAP")
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "parallel")
+    with pytest.raises(
+        RuntimeError, match="FUSED_BPTT_CPU_PRODUCTS must be one of auto, concurrent, serial"
+    ):
+        y = torch.zeros(2, 2, 4)
+        ops.rnn_backward(y, x, h0, w_ih, w_hh, y, False)
+    monkeypatch.delenv("FUSED_BPTT_CPU_PRODUCTS")
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", "avx9000")
     with pytest.raises(
         RuntimeError, match="FUSED_BPTT_CPU_ISA must be one of auto, avx512, avx2, sse2"

@@ -31,7 +31,9 @@
 //     * or, for larger H, one BLAS GEMM (cpu_gemm.h: MKL's sgemm_ resolved at run time, threaded
 //       by MKL) followed by the same kernel with K = 0 as the fused elementwise pass.
 // - Backward runs the reverse loop producing dz [T, B, H], then every weight gradient and dx as a
-//   single GEMM over all T*B rows (dW_hh as two, because h0 is not stored next to y).
+//   single GEMM over all T*B rows (dW_hh as two, because h0 is not stored next to y); on two
+//   threads up to H = 512 those GEMMs run side by side, one thread each (rnn_cpu.h,
+//   concurrent_products), dx in two halves of the steps.
 // - Small batches (one row tile; two at small H in the backward: rnn_cpu.h, overlap_chunk_steps),
 //   where splitting the rows among threads gains little or nothing: one thread runs the
 //   recurrence over all rows while the others run, chunk by chunk of steps, the forward's input
@@ -39,8 +41,8 @@
 // - Determinism: every output element is computed by one fixed sequence of operations; in the
 //   recurrence threads split rows, never a reduction, so results are the same bits run after run
 //   and, in the recurrence, for any thread count (the BLAS GEMMs and db's column sum may round
-//   differently across thread counts, and so may the chunked GEMMs of the overlapped path, which
-//   a thread count can switch on or off).
+//   differently across thread counts, and so may the chunked GEMMs of the overlapped path and the
+//   one-thread GEMMs of the concurrent products, which a thread count can switch on or off).
 // - bfloat16 and float16 run the same structure in rnn_cpu_lowp.cpp (float32 arithmetic inside).
 #include "cpu/rnn_cpu.h"
 
@@ -52,6 +54,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "cpu/cpu_gemm.h"
@@ -253,17 +256,39 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
     }
   }
 
-  // Everything else is one GEMM over all T*B rows (or a column sum), after the loop.
-  if (overlap == 0) dx_rows(0, T);
-  if (dw_ih_parts.empty()) {
-    dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>());
-  } else {  // the chunks' partial sums of dW_ih, added in a fixed order
-    scalar_t* d = dw_ih.data_ptr<scalar_t>();
-    const int64_t n = H * I, parts = static_cast<int64_t>(dw_ih_parts.size()) / n;
-    std::copy_n(dw_ih_parts.data(), n, d);
-    for (int64_t c = 1; c < parts; ++c) {
-      const scalar_t* p = dw_ih_parts.data() + c * n;
-      for (int64_t j = 0; j < n; ++j) d[j] += p[j];
+  // Everything else is one GEMM over all T*B rows (or a column sum), after the loop; with
+  // concurrent products (rnn_cpu.h) each GEMM on one thread, side by side.
+  scalar_t* dwhh = dw_hh.data_ptr<scalar_t>();
+  // dh0 = dz_0 W_hh and dW_hh = dz^T [h0; y[:-1]] (two GEMMs: h0 is not stored next to y). Where
+  // the state was reset, h_{t-1} is a constant 0: dz must have those rows zeroed first (below).
+  auto dh0_and_dw_hh = [&] {
+    gemm<scalar_t>(mode, false, false, B, H, H, 1, dzp, H, whh, H, 0, dh0.data_ptr<scalar_t>(), H);
+    gemm<scalar_t>(mode, true, false, H, H, B, 1, dzp, H, h0.data_ptr<scalar_t>(), H, 0, dwhh, H);
+    gemm<scalar_t>(mode, true, false, H, H, (T - 1) * B, 1, dzp + BH, H, yp, H, 1, dwhh, H);
+  };
+  const bool resets = bounds.reset != nullptr;
+  const bool concurrent = overlap == 0 && concurrent_products(s, blas_step);
+  if (concurrent) {
+    // The biggest first: dW_ih; dW_hh and dh0 (with resets: below, once dz is zeroed there); dx
+    // in two halves.
+    const int64_t mid = T / 2;
+    std::vector<std::function<void()>> tasks{[&] { dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>()); }};
+    if (!resets) tasks.emplace_back(dh0_and_dw_hh);
+    tasks.emplace_back([&] { dx_rows(0, mid); });
+    tasks.emplace_back([&] { dx_rows(mid, T); });
+    run_concurrently(tasks);
+  } else {
+    if (overlap == 0) dx_rows(0, T);
+    if (dw_ih_parts.empty()) {
+      dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>());
+    } else {  // the chunks' partial sums of dW_ih, added in a fixed order
+      scalar_t* d = dw_ih.data_ptr<scalar_t>();
+      const int64_t n = H * I, parts = static_cast<int64_t>(dw_ih_parts.size()) / n;
+      std::copy_n(dw_ih_parts.data(), n, d);
+      for (int64_t c = 1; c < parts; ++c) {
+        const scalar_t* p = dw_ih_parts.data() + c * n;
+        for (int64_t j = 0; j < n; ++j) d[j] += p[j];
+      }
     }
   }
   // db: ATen's column sum (vectorised for the CPU it runs on, cascade-summed for accuracy; the
@@ -271,17 +296,14 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   at::sum_out(db, dz.view({T * B, H}), {0});
   // dh0 and dW_hh take dz through h_{t-1}, which is a constant 0 where the state was reset: zero
   // those rows of dz (dx, dW_ih and db have used them already).
-  if (bounds.reset != nullptr) {
+  if (resets) {
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t b = 0; b < B; ++b) {
         if (bounds.reset_at(t, b)) zero_rows(dzp + t * BH + b * H, 1);
       }
     }
   }
-  scalar_t* dwhh = dw_hh.data_ptr<scalar_t>();
-  gemm<scalar_t>(mode, false, false, B, H, H, 1, dzp, H, whh, H, 0, dh0.data_ptr<scalar_t>(), H);
-  gemm<scalar_t>(mode, true, false, H, H, B, 1, dzp, H, h0.data_ptr<scalar_t>(), H, 0, dwhh, H);
-  gemm<scalar_t>(mode, true, false, H, H, (T - 1) * B, 1, dzp + BH, H, yp, H, 1, dwhh, H);
+  if (!concurrent || resets) dh0_and_dw_hh();
 }
 
 at::Tensor rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& weight_ih,

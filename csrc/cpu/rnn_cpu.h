@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -287,6 +288,39 @@ inline int64_t overlap_chunk_steps(const RnnShape& s, bool backward, int64_t wei
   }
   // About 8 chunks, of at most 256 rows: the first chunk's GEMM is the recurrence's wait.
   return std::max<int64_t>(std::min((s.T + 7) / 8, (256 + s.B - 1) / s.B), 1);
+}
+
+// The backward's products after its recurrence: dW_ih, dW_hh (and dh0), and dx in two halves of
+// the steps, each GEMM on one thread, side by side (a BLAS call inside a parallel region runs on
+// its own thread), instead of one after the other on all threads. With resets, dW_hh and dh0 wait
+// for the reset rows of dz to be zeroed, and then run as before. On Zen 3 (2 threads, AVX2, MKL)
+// GEMMs of these shapes ran on one thread at about 75 GFLOP/s, and on two at about 110, not 150.
+// Measured there, backward op, paired interleaved calls, side by side / one after the other:
+// T/B/H 256/16/64 0.85-0.87, 128/16/128 0.92-0.96, 128/32/128 0.93, 128/64/256 0.93-0.94,
+// 64/32/256 0.96-0.98, 64/8/512 0.97, 64/32/512 0.98, but 32/64/1024 1.01-1.04 (MKL's threads
+// pay on GEMMs of 4 GFLOP); with 1% resets 0.95 at 128/16/128, 0.98-1.01 at 128/64/256. (The
+// forward's one GEMM, the input projection, in two halves side by side: 0.98-1.02, so it stays
+// whole.) auto takes it with exactly two threads, the only count measured, up to
+// kConcurrentMaxH, on the step-kernel path without the overlapped recurrence (which runs its own
+// GEMMs beside it). FUSED_BPTT_CPU_PRODUCTS = auto | concurrent | serial.
+constexpr int64_t kConcurrentMaxH = 512;
+
+inline bool concurrent_products(const RnnShape& s, bool blas_step) {
+  enum { kAuto, kConcurrent, kSerial };
+  const int want = env_choice("FUSED_BPTT_CPU_PRODUCTS", {"auto", "concurrent", "serial"});
+  if (want != kAuto) return want == kConcurrent;
+  return !blas_step && s.H <= kConcurrentMaxH && s.T >= 2 && at::get_num_threads() == 2 &&
+         !at::in_parallel_region();
+}
+
+// Runs every task once, each on one thread, the pool's threads taking them in order as they
+// become free (one thread alone runs them in order). A task that throws ends its thread's share;
+// parallel_for rethrows it once the others are done.
+inline void run_concurrently(const std::vector<std::function<void()>>& tasks) {
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();) tasks[i]();
+  });
 }
 
 // The BLAS path, step by step: first, on this thread, gemm(kind, t, a, e) for every run of the
