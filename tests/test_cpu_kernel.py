@@ -98,6 +98,36 @@ def test_input_projection_auto_is_one_of_the_two(monkeypatch):
     assert not torch.equal(out["gemm"], out["kernel"])  # two different sums: the switch works
 
 
+def check_path_against_baseline(monkeypatch, variable, value, baseline, shape, dtype, relu):
+    """With `variable` = value, the ops on one thread and on two against the float64 reference;
+    then against the ops with `variable` = baseline (on two threads) to rounding: a path that
+    splits or reorders GEMMs may round differently, never by more."""
+    monkeypatch.setenv(variable, value)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(check_against_reference(shape, dtype, relu, grad_h_n=True))
+    monkeypatch.setenv(variable, baseline)
+    y_base, grads_base = check_against_reference(shape, dtype, relu, grad_h_n=True)
+    for y, grads in results:
+        assert_close(y, y_base, dtype=dtype, name=f"y {value} vs {baseline}")
+        for name, a, b in zip(GRAD_NAMES, grads, grads_base):
+            assert_close(a, b, dtype=dtype, name=f"{name} {value} vs {baseline}")
+
+
+def assert_backward_deterministic(shape):
+    """Six backward calls on the same inputs (under the switches the caller set): the same bits."""
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*shape, torch.float32)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    assert torch.equal(y, ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False))
+    grad_y = torch.randn_like(y)
+    first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+    for _ in range(5):
+        again = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
+        for name, a, b in zip(GRAD_NAMES, first, again):
+            assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+
+
 # One row tile, two (a partial one), several; one or many chunks; chunks of >= 128 rows (dW_ih
 # in per-chunk partial sums); T not a multiple of the chunk; H > 128 (K-chunked tiles).
 OVERLAP_SHAPES = [(1, 1, 3, 5), (37, 1, 4, 9), (29, 6, 5, 17), (64, 16, 7, 33), (9, 3, 4, 150)]
@@ -111,17 +141,9 @@ def test_overlapped_recurrence(monkeypatch, restore_threads, overlap, shape, rel
     single thread, where the recurrence computes the chunks it needs itself) against the float64
     reference, and against the split rows to rounding (the GEMMs around the recurrence run in
     chunks of steps, whose blocking may round differently)."""
-    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", overlap)
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        results.append(check_against_reference(shape, dtype, relu, grad_h_n=True))
-    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
-    y_split, grads_split = check_against_reference(shape, dtype, relu, grad_h_n=True)
-    for y, grads in results:
-        assert_close(y, y_split, dtype=dtype, name="y overlapped vs split rows")
-        for name, a, b in zip(GRAD_NAMES, grads, grads_split):
-            assert_close(a, b, dtype=dtype, name=f"{name} overlapped vs split rows")
+    check_path_against_baseline(
+        monkeypatch, "FUSED_BPTT_CPU_OVERLAP", overlap, "off", shape, dtype, relu
+    )
 
 
 @pytest.mark.parametrize("shape", [(64, 16, 7, 33), (40, 2, 5, 8)], ids=str)
@@ -129,15 +151,7 @@ def test_overlapped_backward_is_deterministic(monkeypatch, shape):
     """The chunks run on whichever thread takes them, but each output and each partial sum of
     dW_ih has one fixed order: two calls give the same bits."""
     monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "on")
-    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*shape, torch.float32)
-    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
-    assert torch.equal(y, ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False))
-    grad_y = torch.randn_like(y)
-    first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
-    for _ in range(5):
-        again = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
-        for name, a, b in zip(GRAD_NAMES, first, again):
-            assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+    assert_backward_deterministic(shape)
 
 
 def test_overlap_auto_is_one_of_the_two(monkeypatch, restore_threads):
@@ -169,17 +183,9 @@ def test_concurrent_products(monkeypatch, restore_threads, products, shape, relu
     """The backward's GEMMs side by side (and, on one thread, one after the other in the same
     split) against the float64 reference, and against the serial products to rounding."""
     monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
-    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", products)
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        results.append(check_against_reference(shape, dtype, relu, grad_h_n=True))
-    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "serial")
-    y_serial, grads_serial = check_against_reference(shape, dtype, relu, grad_h_n=True)
-    for y, grads in results:
-        assert_close(y, y_serial, dtype=dtype, name="y")
-        for name, a, b in zip(GRAD_NAMES, grads, grads_serial):
-            assert_close(a, b, dtype=dtype, name=f"{name} {products} vs serial")
+    check_path_against_baseline(
+        monkeypatch, "FUSED_BPTT_CPU_PRODUCTS", products, "serial", shape, dtype, relu
+    )
 
 
 def test_concurrent_products_are_deterministic(monkeypatch, restore_threads):
@@ -188,14 +194,7 @@ def test_concurrent_products_are_deterministic(monkeypatch, restore_threads):
     torch.set_num_threads(2)
     monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
     monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "concurrent")
-    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(33, 16, 24, 40, torch.float32)
-    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
-    grad_y = torch.randn_like(y)
-    first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
-    for _ in range(5):
-        again = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
-        for name, a, b in zip(GRAD_NAMES, first, again):
-            assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+    assert_backward_deterministic((33, 16, 24, 40))
 
 
 def test_products_auto_is_one_of_the_two(monkeypatch, restore_threads):
@@ -295,15 +294,9 @@ def test_same_result_for_any_thread_count(monkeypatch, restore_threads, mode):
 
 @pytest.mark.parametrize("mode", CPU.gemm_modes)
 def test_backward_is_deterministic(monkeypatch, mode):
-    """Two backward calls on the same inputs give the same bits."""
+    """Backward calls on the same inputs give the same bits."""
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
-    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*CPU.parallel_shape, torch.float32)
-    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
-    grad_y = torch.randn_like(y)
-    first = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
-    second = ops.rnn_backward(grad_y, x, h0, w_ih, w_hh, y, False)
-    for name, a, b in zip(GRAD_NAMES, first, second):
-        assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+    assert_backward_deterministic(CPU.parallel_shape)
 
 
 def test_tanh_saturates_and_relu_propagates_nan():
