@@ -298,7 +298,10 @@ inline int64_t overlap_chunk_steps(const RnnShape& s, bool backward, int64_t wei
 // Measured there, backward op, paired interleaved calls, side by side / one after the other:
 // T/B/H 256/16/64 0.85-0.87, 128/16/128 0.92-0.96, 128/32/128 0.93, 128/64/256 0.93-0.94,
 // 64/32/256 0.96-0.98, 64/8/512 0.97, 64/32/512 0.98, but 32/64/1024 1.01-1.04 (MKL's threads
-// pay on GEMMs of 4 GFLOP); with 1% resets 0.95 at 128/16/128, 0.98-1.01 at 128/64/256. (The
+// pay on GEMMs of 4 GFLOP); with 1% resets 0.95 at 128/16/128, 0.98-1.01 at 128/64/256;
+// bfloat16 (GEMMs on operands widened to float32, rnn_cpu_lowp.cpp) 0.91 at 256/16/64, 0.92 at
+// 128/16/128, 0.97 at 128/64/256, 0.98 at 64/32/256, 0.99 at 32/64/512; float16 0.93 at
+// 128/16/128, 0.96 at 64/32/256. (The
 // forward's one GEMM, the input projection, in two halves side by side: 0.98-1.02, so it stays
 // whole.) auto takes it with exactly two threads, the only count measured, up to
 // kConcurrentMaxH, on the step-kernel path without the overlapped recurrence (which runs its own

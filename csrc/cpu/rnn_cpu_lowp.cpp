@@ -20,11 +20,13 @@
 // - Boundaries (resets, lengths) as in rnn_cpu.cpp: runs of rows of one RowKind per step.
 // - GEMMs (cpu_gemm.h): where MKL's S GEMM is the fast one (bfloat16 on AMX) or asked for
 //   (FUSED_BPTT_CPU_GEMM=blas/aten), on S operands, dz rounded to S for them; elsewhere the float32
-//   GEMM on operands widened once per call. The step kernel reads W_hh widened to float32.
+//   GEMM on operands widened once per call. The step kernel reads W_hh widened to float32. The
+//   backward's float32 GEMMs run side by side as in rnn_cpu.cpp (rnn_cpu.h, concurrent_products).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "cpu/cpu_gemm.h"
@@ -170,7 +172,8 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   };
   auto zero_rows = [&](float* p, int64_t rows) { std::fill(p, p + rows * H, 0.0f); };
 
-  if (use_blas_step<float>(k, mode, H)) {
+  const bool blas_step = use_blas_step<float>(k, mode, H);
+  if (blas_step) {
     const at::Tensor whh_wide = gemms.float32() ? widened(w_hh) : at::Tensor();
     std::vector<float> product(BH);  // dz_{t+1} W_hh, for the rows that carry
     blas_recurrence</*kReverse=*/true>(
@@ -212,14 +215,42 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   Operand whh(w_hh, H), h0o(h0, H), yo(y, H), xo(x, I), wih(w_ih, I);
   at::Tensor f_dh0 = float_buffer(B, H, x), f_dwhh = float_buffer(H, H, x);
   at::Tensor f_dwih = float_buffer(H, I, x), f_dx = float_buffer(T * B, I, x);
-  gemms(true, false, H, I, T * B, dzo, 0, xo, 0, 0, f_dwih.data_ptr<float>(), I);
-  gemms(false, false, T * B, I, H, dzo, 0, wih, 0, 0, f_dx.data_ptr<float>(), I);
+  float* dwhh = f_dwhh.data_ptr<float>();
+  auto dx_rows = [&](int64_t t0, int64_t t1) {  // dx over the steps [t0, t1)
+    gemms(false, false, (t1 - t0) * B, I, H, dzo, t0 * BH, wih, 0, 0,
+          f_dx.data_ptr<float>() + t0 * B * I, I);
+  };
+  auto dw_ih_all = [&] {
+    gemms(true, false, H, I, T * B, dzo, 0, xo, 0, 0, f_dwih.data_ptr<float>(), I);
+  };
+  auto dh0_and_dw_hh = [&] {
+    gemms(false, false, B, H, H, dzo, 0, whh, 0, 0, f_dh0.data_ptr<float>(), H);
+    gemms(true, false, H, H, B, dzo, 0, h0o, 0, 0, dwhh, H);
+    gemms(true, false, H, H, (T - 1) * B, dzo, BH, yo, 0, 1, dwhh, H);
+  };
+  const bool resets = bounds.reset != nullptr;
+  // Side by side, one thread each, as the float32/float64 backward (rnn_cpu.cpp): only on the
+  // float32 GEMMs, whose operands are widened here first (Operand widens on first use, which
+  // two threads must not race to do).
+  const bool concurrent = gemms.float32() && concurrent_products(s, blas_step);
+  if (concurrent) {
+    for (Operand* o : {&whh, &h0o, &yo, &xo, &wih}) o->wide();
+    const int64_t mid = T / 2;
+    std::vector<std::function<void()>> tasks{dw_ih_all};
+    if (!resets) tasks.emplace_back(dh0_and_dw_hh);
+    tasks.emplace_back([&] { dx_rows(0, mid); });
+    tasks.emplace_back([&] { dx_rows(mid, T); });
+    run_concurrently(tasks);
+  } else {
+    dw_ih_all();
+    dx_rows(0, T);
+  }
   // db: ATen's column sum of dz accumulated in float64 (as the float32/float64 backward sums db),
   // rounded once to float32 and then to S.
   db.copy_(dz.sum(0, false, at::kDouble).to(at::kFloat));
   // dh0 and dW_hh take dz through h_{t-1}, a constant 0 where the state was reset: zero those
   // rows of dz (and of its S copy), which dx, dW_ih and db have used already.
-  if (bounds.reset != nullptr) {
+  if (resets) {
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t b = 0; b < B; ++b) {
         if (!bounds.reset_at(t, b)) continue;
@@ -228,10 +259,7 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
       }
     }
   }
-  float* dwhh = f_dwhh.data_ptr<float>();
-  gemms(false, false, B, H, H, dzo, 0, whh, 0, 0, f_dh0.data_ptr<float>(), H);
-  gemms(true, false, H, H, B, dzo, 0, h0o, 0, 0, dwhh, H);
-  gemms(true, false, H, H, (T - 1) * B, dzo, BH, yo, 0, 1, dwhh, H);
+  if (!concurrent || resets) dh0_and_dw_hh();
   dh0.copy_(f_dh0);
   dw_hh.copy_(f_dwhh);
   dw_ih.copy_(f_dwih);
