@@ -181,8 +181,8 @@ PRODUCTS_SHAPES = [(1, 3, 4, 5), (7, 5, 3, 1), (9, 6, 5, 17), (16, 8, 7, 150)]
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 def test_concurrent_products(monkeypatch, restore_threads, products, shape, relu, dtype):
     """The backward's GEMMs side by side (and, on one thread, one after the other in the same
-    split) against the float64 reference, and against the serial products to rounding; in
-    bfloat16/float16 on their operands widened to float32 before the threads start."""
+    split) against the float64 reference, and against the serial products to rounding
+    (bfloat16/float16: tests/test_lowp.py, test_concurrent_products)."""
     monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
     check_path_against_baseline(
         monkeypatch, "FUSED_BPTT_CPU_PRODUCTS", products, "serial", shape, dtype, relu

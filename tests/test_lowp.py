@@ -267,10 +267,33 @@ def test_error_at_most_1_5x_nn_rnn_relu(dtype):
 def test_resets_and_lengths(monkeypatch, dtype, isa, mode, shape):
     """Sequence boundaries on every path, against the float64 per-step loop of test_varlen.py:
     normwise within the dtype's bound; padded steps exactly zero, h_n each row's last state."""
-    from test_varlen import grads_of, loop_layer, random_bounds
-
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", isa)
     monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
+    check_resets_and_lengths(dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("products", ["concurrent", "serial"])
+def test_concurrent_products(monkeypatch, dtype, products):
+    """The backward's float32 GEMMs side by side, one thread each (operands widened before the
+    threads start), or one after the other, on one thread and on two: against the float64
+    reference, with and without resets and lengths."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", products)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for shape in [(1, 3, 4, 5), (9, 6, 5, 17), (16, 8, 7, 150)]:
+                check_against_reference(shape, dtype, relu=False)
+            check_resets_and_lengths(dtype, (6, 9, 3, 7))
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_resets_and_lengths(dtype, shape):
+    from test_varlen import grads_of, loop_layer, random_bounds
+
     T, B, I, H = shape
     args = [t.requires_grad_() for t in make_layer_inputs(T, B, I, H, dtype, seed=B)]
     resets, lengths = random_bounds(T, B, seed=T, p=0.2)
