@@ -159,3 +159,11 @@ def dtype(request):
 TOLERANCES[torch.bfloat16] = dict(rtol=1.6e-2, atol=1.6e-2)
 TOLERANCES[torch.float16] = dict(rtol=2e-3, atol=2e-3)
 LOW_PRECISION_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def restore_threads():
+    """For tests that call torch.set_num_threads: the thread count as it was, afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

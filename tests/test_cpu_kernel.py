@@ -271,13 +271,6 @@ def test_non_contiguous_inputs():
         assert_close(a, b, name=name)
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("mode", CPU.gemm_modes)
 def test_same_result_for_any_thread_count(monkeypatch, restore_threads, mode):
     """One thread or two: float64 results agree to rounding (the recurrence itself bitwise)."""

@@ -274,21 +274,17 @@ def test_resets_and_lengths(monkeypatch, dtype, isa, mode, shape):
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("products", ["concurrent", "serial"])
-def test_concurrent_products(monkeypatch, dtype, products):
+def test_concurrent_products(monkeypatch, restore_threads, dtype, products):
     """The backward's float32 GEMMs side by side, one thread each (operands widened before the
     threads start), or one after the other, on one thread and on two: against the float64
     reference, with and without resets and lengths."""
     monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
     monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", products)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for shape in [(1, 3, 4, 5), (9, 6, 5, 17), (16, 8, 7, 150)]:
-                check_against_reference(shape, dtype, relu=False)
-            check_resets_and_lengths(dtype, (6, 9, 3, 7))
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for shape in [(1, 3, 4, 5), (9, 6, 5, 17), (16, 8, 7, 150)]:
+            check_against_reference(shape, dtype, relu=False)
+        check_resets_and_lengths(dtype, (6, 9, 3, 7))
 
 
 def check_resets_and_lengths(dtype, shape):

@@ -54,7 +54,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 #include "cpu/cpu_gemm.h"
@@ -269,14 +268,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   const bool resets = bounds.reset != nullptr;
   const bool concurrent = overlap == 0 && concurrent_products(s, blas_step);
   if (concurrent) {
-    // The biggest first: dW_ih; dW_hh and dh0 (with resets: below, once dz is zeroed there); dx
-    // in two halves.
-    const int64_t mid = T / 2;
-    std::vector<std::function<void()>> tasks{[&] { dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>()); }};
-    if (!resets) tasks.emplace_back(dh0_and_dw_hh);
-    tasks.emplace_back([&] { dx_rows(0, mid); });
-    tasks.emplace_back([&] { dx_rows(mid, T); });
-    run_concurrently(tasks);
+    products_side_by_side(
+        T, resets, [&] { dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>()); }, dh0_and_dw_hh, dx_rows);
   } else {
     if (overlap == 0) dx_rows(0, T);
     if (dw_ih_parts.empty()) {

@@ -301,11 +301,11 @@ inline int64_t overlap_chunk_steps(const RnnShape& s, bool backward, int64_t wei
 // pay on GEMMs of 4 GFLOP); with 1% resets 0.95 at 128/16/128, 0.98-1.01 at 128/64/256;
 // bfloat16 (GEMMs on operands widened to float32, rnn_cpu_lowp.cpp) 0.91 at 256/16/64, 0.92 at
 // 128/16/128, 0.97 at 128/64/256, 0.98 at 64/32/256, 0.99 at 32/64/512; float16 0.93 at
-// 128/16/128, 0.96 at 64/32/256. (The
-// forward's one GEMM, the input projection, in two halves side by side: 0.98-1.02, so it stays
-// whole.) auto takes it with exactly two threads, the only count measured, up to
-// kConcurrentMaxH, on the step-kernel path without the overlapped recurrence (which runs its own
-// GEMMs beside it). FUSED_BPTT_CPU_PRODUCTS = auto | concurrent | serial.
+// 128/16/128, 0.96 at 64/32/256. (The forward's one GEMM, the input projection, in two halves
+// side by side: 0.98-1.02, so it stays whole.) auto takes it with exactly two threads, the only
+// count measured, up to kConcurrentMaxH, on the step-kernel path without the overlapped
+// recurrence (which runs its own GEMMs beside it). FUSED_BPTT_CPU_PRODUCTS = auto | concurrent |
+// serial.
 constexpr int64_t kConcurrentMaxH = 512;
 
 inline bool concurrent_products(const RnnShape& s, bool blas_step) {
@@ -324,6 +324,19 @@ inline void run_concurrently(const std::vector<std::function<void()>>& tasks) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();) tasks[i]();
   });
+}
+
+// The backward's products side by side (concurrent_products), the biggest first: dw_ih(), then
+// dh0_and_dw_hh() unless there are resets (the caller runs it once the reset rows of dz are
+// zeroed), then dx(t0, t1) over each half of the steps.
+template <typename DwIh, typename DwHh, typename Dx>
+void products_side_by_side(int64_t T, bool resets, const DwIh& dw_ih, const DwHh& dh0_and_dw_hh,
+                           const Dx& dx) {
+  std::vector<std::function<void()>> tasks{dw_ih};
+  if (!resets) tasks.emplace_back(dh0_and_dw_hh);
+  tasks.emplace_back([&] { dx(0, T / 2); });
+  tasks.emplace_back([&] { dx(T / 2, T); });
+  run_concurrently(tasks);
 }
 
 // The BLAS path, step by step: first, on this thread, gemm(kind, t, a, e) for every run of the

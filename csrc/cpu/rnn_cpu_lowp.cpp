@@ -26,7 +26,6 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <functional>
 #include <vector>
 
 #include "cpu/cpu_gemm.h"
@@ -235,12 +234,7 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   const bool concurrent = gemms.float32() && concurrent_products(s, blas_step);
   if (concurrent) {
     for (Operand* o : {&whh, &h0o, &yo, &xo, &wih}) o->wide();
-    const int64_t mid = T / 2;
-    std::vector<std::function<void()>> tasks{dw_ih_all};
-    if (!resets) tasks.emplace_back(dh0_and_dw_hh);
-    tasks.emplace_back([&] { dx_rows(0, mid); });
-    tasks.emplace_back([&] { dx_rows(mid, T); });
-    run_concurrently(tasks);
+    products_side_by_side(T, resets, dw_ih_all, dh0_and_dw_hh, dx_rows);
   } else {
     dw_ih_all();
     dx_rows(0, T);
