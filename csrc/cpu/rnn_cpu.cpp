@@ -34,8 +34,9 @@
 //   single GEMM over all T*B rows (dW_hh as two, because h0 is not stored next to y); on two
 //   threads up to H = 512 those GEMMs run side by side, one thread each (rnn_cpu.h,
 //   concurrent_products), dx in two halves of the steps.
-// - Small batches (one row tile; two at small H in the backward: rnn_cpu.h, overlap_chunk_steps),
-//   where splitting the rows among threads gains little or nothing: one thread runs the
+// - Small batches (one row tile; up to four at H <= 256 in the forward, two at small H in the
+//   backward: rnn_cpu.h, overlap_chunk_steps), where splitting the rows among threads gains
+//   little or nothing, or waits for the slower of two unevenly loaded cores: one thread runs the
 //   recurrence over all rows while the others run, chunk by chunk of steps, the forward's input
 //   projection ahead of it or the backward's dx (and dW_ih in partial sums) behind it.
 // - Determinism: every output element is computed by one fixed sequence of operations; in the
@@ -265,11 +266,15 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
     gemm<scalar_t>(mode, true, false, H, H, B, 1, dzp, H, h0.data_ptr<scalar_t>(), H, 0, dwhh, H);
     gemm<scalar_t>(mode, true, false, H, H, (T - 1) * B, 1, dzp + BH, H, yp, H, 1, dwhh, H);
   };
+  // db: ATen's column sum (vectorised for the CPU it runs on, cascade-summed for accuracy; the
+  // same bits for the same thread count, like the GEMMs).
+  auto column_sum = [&] { at::sum_out(db, dz.view({T * B, H}), {0}); };
   const bool resets = bounds.reset != nullptr;
   const bool concurrent = overlap == 0 && concurrent_products(s, blas_step);
   if (concurrent) {
     products_side_by_side(
-        T, resets, [&] { dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>()); }, dh0_and_dw_hh, dx_rows);
+        T, resets, [&] { dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>()); }, dh0_and_dw_hh, dx_rows,
+        column_sum);
   } else {
     if (overlap == 0) dx_rows(0, T);
     if (dw_ih_parts.empty()) {
@@ -283,10 +288,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
         for (int64_t j = 0; j < n; ++j) d[j] += p[j];
       }
     }
+    column_sum();
   }
-  // db: ATen's column sum (vectorised for the CPU it runs on, cascade-summed for accuracy; the
-  // same bits for the same thread count, like the GEMMs).
-  at::sum_out(db, dz.view({T * B, H}), {0});
   // dh0 and dW_hh take dz through h_{t-1}, which is a constant 0 where the state was reset: zero
   // those rows of dz (dx, dW_ih and db have used them already).
   if (resets) {

@@ -42,9 +42,12 @@ constexpr int64_t kKernelMaxWeightBytesAvx2 = 16 << 20;
 constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
 constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
 // The overlapped recurrence (overlap_chunk_steps): two row tiles overlap in the backward while
-// W_hh (as the kernel reads it) is at most this big; dW_ih goes in per-chunk partial sums when a
-// chunk has at least this many rows.
+// W_hh (as the kernel reads it) is at most this big; up to four tiles in the forward while it is
+// at most the second size; dW_ih goes in per-chunk partial sums when a chunk has at least this
+// many rows.
 constexpr int64_t kOverlapMaxWeightBytes = 16 << 10;
+constexpr int64_t kOverlapForwardMaxTiles = 4;
+constexpr int64_t kOverlapForwardMaxWeightBytes = 256 << 10;
 constexpr int64_t kOverlapMinPartialRows = 128;
 
 // Whether k (a StepKernels table of any dtype) is the AVX-512 one.
@@ -196,10 +199,21 @@ void kernel_recurrence(const RnnShape& s, const Bounds& bounds, Out* out, const 
 // Measured there (paired, interleaved calls, overlapped / split time): one tile, forward 0.80 at
 // T/B/H 256/4/64, 0.84 at 256/1/64, 0.86 at 256/1/256, 0.91 at 64/4/256, 0.88 at 32/2/512;
 // backward 0.86 at 256/4/64, 0.91 at 256/1/64, 0.92 at 256/1/256. Two tiles, backward 0.89-0.94
-// at 256/8/64 and 0.88 at 512/8/32, but 1.03 at H = 96 and 1.04 at 128/8/128, and
-// the forward 1.06 at 256/8/64: so two tiles overlap in the backward only, and only while W_hh
-// fits kOverlapMaxWeightBytes. Per-chunk partials of dW_ih pay where chunks have at least
-// kOverlapMinPartialRows rows (at 32/2/512, 8 rows a chunk, they made the backward 2x slower).
+// at 256/8/64 and 0.88 at 512/8/32, but 1.03 at H = 96 and 1.04 at 128/8/128 (four tiles: 1.14
+// at 128/16/128): the backward overlaps two tiles only while W_hh fits kOverlapMaxWeightBytes.
+// The forward with two to four tiles depends on the machine's state. That VM has quiet spells,
+// where one thread runs a step of 8 rows at H = 128 in 3.6 us, and contended ones (neighbours on
+// the host), where the same step takes 5-7 us, often on one of the two threads more than on the
+// other; split rows then wait for the slower thread, and so do MKL's statically split GEMMs.
+// Forward, overlapped / split, in runs of paired calls minutes apart: 256/8/64 0.70-0.85 in 8
+// runs of 9 (1.10 in one quiet run), 128/8/128 0.78, 64/8/256 0.89-0.90, 256/16/64 0.78 and
+// 1.06 (quiet), 64/16/64 0.81 and 1.05 (quiet), 128/16/128 0.82-0.97 in 7 runs of 11, 1.01-1.10
+// in 4, 128/16/256 0.90-0.92 and 1.05; at H = 512, 1.00-1.04 at 64/8/512 and 64/16/512; at
+// B = 32 0.87-0.90 at 128/32/128 but 1.14 at 64/32/128. So the forward overlaps up to
+// kOverlapForwardMaxTiles tiles while W_hh fits kOverlapForwardMaxWeightBytes (H <= 256 in
+// float32): at most 6% slower in a quiet spell, up to 30% faster in a contended one.
+// Per-chunk partials of dW_ih pay where chunks have at least kOverlapMinPartialRows rows (at
+// 32/2/512, 8 rows a chunk, they made the backward 2x slower).
 
 // Chunks of `per` consecutive steps of the recurrence's order, each run by one thread.
 class StepChunks {
@@ -280,7 +294,9 @@ inline int64_t overlap_chunk_steps(const RnnShape& s, bool backward, int64_t wei
   if (want == kAuto) {
     const int64_t tiles = (s.B + kStepRows - 1) / kStepRows;
     const bool shape_gains =
-        tiles == 1 || (backward && tiles == 2 && weight_bytes <= kOverlapMaxWeightBytes);
+        tiles == 1 || (backward ? tiles == 2 && weight_bytes <= kOverlapMaxWeightBytes
+                                : tiles <= kOverlapForwardMaxTiles &&
+                                      weight_bytes <= kOverlapForwardMaxWeightBytes);
     if (!shape_gains || s.T < 2 || at::get_num_threads() < 2 || at::in_parallel_region() ||
         s.T * s.B * s.H * s.H < kParallelMinFma) {
       return 0;
@@ -328,14 +344,16 @@ inline void run_concurrently(const std::vector<std::function<void()>>& tasks) {
 
 // The backward's products side by side (concurrent_products), the biggest first: dw_ih(), then
 // dh0_and_dw_hh() unless there are resets (the caller runs it once the reset rows of dz are
-// zeroed), then dx(t0, t1) over each half of the steps.
-template <typename DwIh, typename DwHh, typename Dx>
+// zeroed), then dx(t0, t1) over each half of the steps, then db() (a column sum, on one thread
+// like the rest, where it would otherwise run alone after them).
+template <typename DwIh, typename DwHh, typename Dx, typename Db>
 void products_side_by_side(int64_t T, bool resets, const DwIh& dw_ih, const DwHh& dh0_and_dw_hh,
-                           const Dx& dx) {
+                           const Dx& dx, const Db& db) {
   std::vector<std::function<void()>> tasks{dw_ih};
   if (!resets) tasks.emplace_back(dh0_and_dw_hh);
   tasks.emplace_back([&] { dx(0, T / 2); });
   tasks.emplace_back([&] { dx(T / 2, T); });
+  tasks.emplace_back(db);
   run_concurrently(tasks);
 }
 

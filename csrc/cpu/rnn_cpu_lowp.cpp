@@ -227,6 +227,9 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
     gemms(true, false, H, H, B, dzo, 0, h0o, 0, 0, dwhh, H);
     gemms(true, false, H, H, (T - 1) * B, dzo, BH, yo, 0, 1, dwhh, H);
   };
+  // db: ATen's column sum of dz accumulated in float64 (as the float32/float64 backward sums db),
+  // rounded once to float32 and then to S.
+  auto column_sum = [&] { db.copy_(dz.sum(0, false, at::kDouble).to(at::kFloat)); };
   const bool resets = bounds.reset != nullptr;
   // Side by side, one thread each, as the float32/float64 backward (rnn_cpu.cpp): only on the
   // float32 GEMMs, whose operands are widened here first (Operand widens on first use, which
@@ -234,14 +237,12 @@ void backward_lowp(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   const bool concurrent = gemms.float32() && concurrent_products(s, blas_step);
   if (concurrent) {
     for (Operand* o : {&whh, &h0o, &yo, &xo, &wih}) o->wide();
-    products_side_by_side(T, resets, dw_ih_all, dh0_and_dw_hh, dx_rows);
+    products_side_by_side(T, resets, dw_ih_all, dh0_and_dw_hh, dx_rows, column_sum);
   } else {
     dw_ih_all();
     dx_rows(0, T);
+    column_sum();
   }
-  // db: ATen's column sum of dz accumulated in float64 (as the float32/float64 backward sums db),
-  // rounded once to float32 and then to S.
-  db.copy_(dz.sum(0, false, at::kDouble).to(at::kFloat));
   // dh0 and dW_hh take dz through h_{t-1}, a constant 0 where the state was reset: zero those
   // rows of dz (and of its S copy), which dx, dW_ih and db have used already.
   if (resets) {
