@@ -175,9 +175,10 @@ def test_overlap_auto_is_one_of_the_two(monkeypatch, restore_threads):
             assert torch.equal(a, b), f"{shape} {name}: auto is not {overlapped=}"
 
 
-# T = 1 (dx's first half is empty), odd T (halves of unequal size), H = 1, a partial row tile,
-# H > 128 (K-chunked tiles). Resets: tests/test_varlen.py, test_cpu_kernel_paths.
-PRODUCTS_SHAPES = [(1, 3, 4, 5), (7, 5, 3, 1), (9, 6, 5, 17), (16, 8, 7, 150)]
+# T = 1 and T = 3 (some of dx's quarters are empty), odd T (quarters of unequal size), H = 1, a
+# partial row tile, H > 128 (K-chunked tiles). Resets: tests/test_varlen.py,
+# test_cpu_kernel_paths.
+PRODUCTS_SHAPES = [(1, 3, 4, 5), (3, 4, 5, 6), (7, 5, 3, 1), (9, 6, 5, 17), (16, 8, 7, 150)]
 
 
 @pytest.mark.parametrize("products", ["concurrent", "serial"])

@@ -33,7 +33,7 @@
 // - Backward runs the reverse loop producing dz [T, B, H], then every weight gradient and dx as a
 //   single GEMM over all T*B rows (dW_hh as two, because h0 is not stored next to y); on two
 //   threads up to H = 512 those GEMMs run side by side, one thread each (rnn_cpu.h,
-//   concurrent_products), dx in two halves of the steps.
+//   concurrent_products), dx in quarters of the steps.
 // - Small batches (one row tile; up to four at H <= 256 in the forward, two at small H in the
 //   backward: rnn_cpu.h, overlap_chunk_steps), where splitting the rows among threads gains
 //   little or nothing, or waits for the slower of two unevenly loaded cores: one thread runs the

@@ -306,22 +306,22 @@ inline int64_t overlap_chunk_steps(const RnnShape& s, bool backward, int64_t wei
   return std::max<int64_t>(std::min((s.T + 7) / 8, (256 + s.B - 1) / s.B), 1);
 }
 
-// The backward's products after its recurrence: dW_ih, dW_hh (and dh0), and dx in two halves of
-// the steps, each GEMM on one thread, side by side (a BLAS call inside a parallel region runs on
-// its own thread), instead of one after the other on all threads. With resets, dW_hh and dh0 wait
-// for the reset rows of dz to be zeroed, and then run as before. On Zen 3 (2 threads, AVX2, MKL)
-// GEMMs of these shapes ran on one thread at about 75 GFLOP/s, and on two at about 110, not 150.
-// Measured there, backward op, paired interleaved calls, side by side / one after the other:
-// T/B/H 256/16/64 0.85-0.87, 128/16/128 0.92-0.96, 128/32/128 0.93, 128/64/256 0.93-0.94,
-// 64/32/256 0.96-0.98, 64/8/512 0.97, 64/32/512 0.98, but 32/64/1024 1.01-1.04 (MKL's threads
-// pay on GEMMs of 4 GFLOP); with 1% resets 0.95 at 128/16/128, 0.98-1.01 at 128/64/256;
-// bfloat16 (GEMMs on operands widened to float32, rnn_cpu_lowp.cpp) 0.91 at 256/16/64, 0.92 at
-// 128/16/128, 0.97 at 128/64/256, 0.98 at 64/32/256, 0.99 at 32/64/512; float16 0.93 at
-// 128/16/128, 0.96 at 64/32/256. (The forward's one GEMM, the input projection, in two halves
-// side by side: 0.98-1.02, so it stays whole.) auto takes it with exactly two threads, the only
-// count measured, up to kConcurrentMaxH, on the step-kernel path without the overlapped
-// recurrence (which runs its own GEMMs beside it). FUSED_BPTT_CPU_PRODUCTS = auto | concurrent |
-// serial.
+// The backward's products after its recurrence: dW_ih, dW_hh (and dh0), and dx in parts of the
+// steps (two when the figures below were measured, four since: products_side_by_side), each GEMM on
+// one thread, side by side (a BLAS call inside a parallel region runs on its own thread), instead
+// of one after the other on all threads. With resets, dW_hh and dh0 wait for the reset rows of dz
+// to be zeroed, and then run as before. On Zen 3 (2 threads, AVX2, MKL) GEMMs of these shapes ran
+// on one thread at about 75 GFLOP/s, and on two at about 110, not 150. Measured there, backward op,
+// paired interleaved calls, side by side / one after the other: T/B/H 256/16/64 0.85-0.87,
+// 128/16/128 0.92-0.96, 128/32/128 0.93, 128/64/256 0.93-0.94, 64/32/256 0.96-0.98, 64/8/512 0.97,
+// 64/32/512 0.98, but 32/64/1024 1.01-1.04 (MKL's threads pay on GEMMs of 4 GFLOP); with 1% resets
+// 0.95 at 128/16/128, 0.98-1.01 at 128/64/256; bfloat16 (GEMMs on operands widened to float32,
+// rnn_cpu_lowp.cpp) 0.91 at 256/16/64, 0.92 at 128/16/128, 0.97 at 128/64/256, 0.98 at 64/32/256,
+// 0.99 at 32/64/512; float16 0.93 at 128/16/128, 0.96 at 64/32/256. (The forward's one GEMM, the
+// input projection, in two halves side by side: 0.98-1.02, so it stays whole.) auto takes it with
+// exactly two threads, the only count measured, up to kConcurrentMaxH, on the step-kernel path
+// without the overlapped recurrence (which runs its own GEMMs beside it). FUSED_BPTT_CPU_PRODUCTS =
+// auto | concurrent | serial.
 constexpr int64_t kConcurrentMaxH = 512;
 
 inline bool concurrent_products(const RnnShape& s, bool blas_step) {
@@ -344,15 +344,23 @@ inline void run_concurrently(const std::vector<std::function<void()>>& tasks) {
 
 // The backward's products side by side (concurrent_products), the biggest first: dw_ih(), then
 // dh0_and_dw_hh() unless there are resets (the caller runs it once the reset rows of dz are
-// zeroed), then dx(t0, t1) over each half of the steps, then db() (a column sum, on one thread
-// like the rest, where it would otherwise run alone after them).
+// zeroed), then dx(t0, t1) over each quarter of the steps, then db() (a column sum, on one thread
+// like the rest, where it would otherwise run alone after them). dx in quarters rather than
+// halves leaves less for one thread to finish alone when the other is slower (the VM of
+// concurrent_products' figures often runs one core 10-30% slower than the other): float32 backward
+// op, quarters / halves, paired, in runs minutes apart: 128/16/128 0.96-0.99 (4 runs), 64/32/256
+// 0.97-1.00 (4), 128/64/256 0.95-0.99 (3), 128/32/128 0.985; eighths gained nothing more.
+constexpr int64_t kDxParts = 4;
+
 template <typename DwIh, typename DwHh, typename Dx, typename Db>
 void products_side_by_side(int64_t T, bool resets, const DwIh& dw_ih, const DwHh& dh0_and_dw_hh,
                            const Dx& dx, const Db& db) {
   std::vector<std::function<void()>> tasks{dw_ih};
   if (!resets) tasks.emplace_back(dh0_and_dw_hh);
-  tasks.emplace_back([&] { dx(0, T / 2); });
-  tasks.emplace_back([&] { dx(T / 2, T); });
+  for (int64_t p = 0; p < kDxParts; ++p) {
+    const int64_t t0 = T * p / kDxParts, t1 = T * (p + 1) / kDxParts;
+    tasks.emplace_back([&dx, t0, t1] { dx(t0, t1); });
+  }
   tasks.emplace_back(db);
   run_concurrently(tasks);
 }
