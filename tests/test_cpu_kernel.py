@@ -14,6 +14,9 @@ Paths, chosen through environment variables the ops read on every call:
     FUSED_BPTT_CPU_PRODUCTS = auto | concurrent | serial: the backward's GEMMs after the
         recurrence each on one thread, side by side, or one after the other on all threads (auto:
         side by side on two threads)
+    FUSED_BPTT_CPU_EARLY_DX = on | off: with the products side by side, a thread that finishes
+        its rows of the backward's recurrence first starts on dx over the steps every row has
+        finished
 """
 
 import pytest
@@ -203,6 +206,35 @@ def test_concurrent_products_are_deterministic(monkeypatch, restore_threads):
     assert_backward_deterministic((33, 16, 24, 40))
 
 
+# Rows split unevenly between two threads (one tile of four rows against one row; two tiles
+# against one): the thread with fewer rows finishes early and takes dx over finished steps.
+EARLY_DX_SHAPES = [(64, 5, 6, 80), (48, 9, 7, 70)]
+
+
+@pytest.mark.parametrize("early", ["on", "off"])
+@pytest.mark.parametrize("shape", EARLY_DX_SHAPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_early_dx(monkeypatch, restore_threads, early, shape, relu, dtype):
+    """dx taken during the backward's recurrence by the thread that finishes first, the rest after
+    it, against the float64 reference and against dx after the recurrence to rounding (resets and
+    lengths: tests/test_varlen.py, test_cpu_kernel_paths)."""
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "concurrent")
+    check_path_against_baseline(
+        monkeypatch, "FUSED_BPTT_CPU_EARLY_DX", early, "off", shape, dtype, relu
+    )
+
+
+def test_early_dx_is_deterministic(monkeypatch, restore_threads):
+    """Where the early blocks of dx end depends on the threads' timing, but each row of dx is the
+    same dot products whichever GEMM computes it: the same bits call after call."""
+    torch.set_num_threads(2)
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "concurrent")
+    for shape in EARLY_DX_SHAPES:
+        assert_backward_deterministic(shape)
+
+
 def test_products_auto_is_one_of_the_two(monkeypatch, restore_threads):
     """auto runs the products side by side on two threads and one after the other on one: its
     bits are those of concurrent, or of serial, as the rule says."""
@@ -331,6 +363,12 @@ def test_rejects_unknown_switch_values(monkeypatch):
     ):
         y = torch.zeros(2, 2, 4)
         ops.rnn_backward(y, x, h0, w_ih, w_hh, y, False)
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "concurrent")
+    monkeypatch.setenv("FUSED_BPTT_CPU_EARLY_DX", "late")
+    with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_EARLY_DX must be one of on, off"):
+        y = torch.zeros(2, 2, 4)
+        ops.rnn_backward(y, x, h0, w_ih, w_hh, y, False)
+    monkeypatch.delenv("FUSED_BPTT_CPU_EARLY_DX")
     monkeypatch.delenv("FUSED_BPTT_CPU_PRODUCTS")
     monkeypatch.setenv("FUSED_BPTT_CPU_ISA", "avx9000")
     with pytest.raises(

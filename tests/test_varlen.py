@@ -300,11 +300,12 @@ def test_cpp_kernel_checks_boundaries():
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled CPU kernels are not built")
 @pytest.mark.parametrize(
-    "mode", ["auto", "aten", "blas", "input-in-kernel", "overlapped", "concurrent-products"]
+    "mode",
+    ["auto", "aten", "blas", "input-in-kernel", "overlapped", "concurrent-products", "early-dx"],
 )
 @pytest.mark.parametrize(
     "shape",
-    [(5, 9, 3, 7), (4, 11, 5, 133), (6, 64, 8, 40), (40, 4, 6, 9), (24, 16, 5, 12)],
+    [(5, 9, 3, 7), (4, 11, 5, 133), (6, 64, 8, 40), (40, 4, 6, 9), (24, 16, 5, 12), (40, 9, 6, 80)],
     ids=str,
 )
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
@@ -312,15 +313,17 @@ def test_cpu_kernel_paths(monkeypatch, mode, shape, dtype):
     """Every CPU step path (hand-written kernel, K > 128 partial sums, BLAS per step, threads over
     rows; the forward's input projection inside the step kernel; the recurrence on one thread
     overlapped with chunked GEMMs, with and without dW_ih partial sums; the backward's GEMMs side
-    by side, and dW_hh after them once the reset rows of dz are zeroed) with resets and lengths,
-    against the float64 loop."""
+    by side, and dW_hh after them once the reset rows of dz are zeroed, with and without dx taken
+    during the recurrence by the thread that finishes first: the last shape splits its rows
+    unevenly) with resets and lengths, against the float64 loop."""
     if mode == "input-in-kernel":
         monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", "kernel")
     elif mode == "overlapped":
         monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "on")
-    elif mode == "concurrent-products":
+    elif mode in ("concurrent-products", "early-dx"):
         monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
         monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "concurrent")
+        monkeypatch.setenv("FUSED_BPTT_CPU_EARLY_DX", "on" if mode == "early-dx" else "off")
     else:
         monkeypatch.setenv("FUSED_BPTT_CPU_GEMM", mode)
         monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", "gemm")

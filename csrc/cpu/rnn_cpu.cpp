@@ -33,7 +33,8 @@
 // - Backward runs the reverse loop producing dz [T, B, H], then every weight gradient and dx as a
 //   single GEMM over all T*B rows (dW_hh as two, because h0 is not stored next to y); on two
 //   threads up to H = 512 those GEMMs run side by side, one thread each (rnn_cpu.h,
-//   concurrent_products), dx in quarters of the steps.
+//   concurrent_products), dx in quarters of the steps, part of it taken during the loop by the
+//   thread that finishes its rows first (backward_recurrence_early_dx).
 // - Small batches (one row tile; up to four at H <= 256 in the forward, two at small H in the
 //   backward: rnn_cpu.h, overlap_chunk_steps), where splitting the rows among threads gains
 //   little or nothing, or waits for the slower of two unevenly loaded cores: one thread runs the
@@ -186,6 +187,11 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   // when dw_ih_parts is not empty.
   const int64_t overlap = blas_step ? 0 : overlap_chunk_steps(s, true, H * H * sizeof(scalar_t));
   std::vector<scalar_t> dw_ih_parts;
+  // The products after the loop side by side (rnn_cpu.h, concurrent_products); then a thread that
+  // finishes its rows of the loop early starts on dx, which is left to compute over [0, dx_from).
+  const bool concurrent = overlap == 0 && concurrent_products(s, blas_step);
+  const bool early_dx = concurrent && early_dx_on();
+  int64_t dx_from = T;
 
   // dz_{T-1} = grad_y_{T-1} * act'; earlier steps add dz_{t+1} W_hh (K = H) to grad_y_t.
   if (blas_step) {
@@ -217,7 +223,9 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
       k.backward(carry ? dzp + o + BH : nullptr, w.data(), part.data() + a * H, grad_at(kind, t, a),
                  grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H, relu);
     };
-    if (overlap == 0) {
+    if (overlap == 0 && early_dx) {
+      dx_from = backward_recurrence_early_dx(s, bounds, dzp, step, dx_rows);
+    } else if (overlap == 0) {
       kernel_recurrence</*kReverse=*/true>(s, bounds, dzp, step);
     } else {
       // One thread runs the steps (t = T-1 .. 0); the others take dx of each chunk it finishes,
@@ -270,11 +278,10 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
   // same bits for the same thread count, like the GEMMs).
   auto column_sum = [&] { at::sum_out(db, dz.view({T * B, H}), {0}); };
   const bool resets = bounds.reset != nullptr;
-  const bool concurrent = overlap == 0 && concurrent_products(s, blas_step);
   if (concurrent) {
     products_side_by_side(
-        T, resets, [&] { dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>()); }, dh0_and_dw_hh, dx_rows,
-        column_sum);
+        dx_from, resets, [&] { dw_ih_rows(0, T, dw_ih.data_ptr<scalar_t>()); }, dh0_and_dw_hh,
+        dx_rows, column_sum);
   } else {
     if (overlap == 0) dx_rows(0, T);
     if (dw_ih_parts.empty()) {

@@ -285,6 +285,63 @@ void overlapped(const Rec& rec, const Help& help) {
   });
 }
 
+// The backward's split-row recurrence (kernel_recurrence, reverse order) when its products run
+// side by side (concurrent_products): a thread that finishes its rows before the others computes
+// dx(t0, t1) = dz W_ih over steps that every row has finished, latest first, in blocks of at
+// least kEarlyDxMinRows rows and at most about half the steps the slowest rows have left (a
+// bigger block would hold up the end of the loop), until the others are done; returns t_lo, dx
+// having been computed over the steps [t_lo, T) (T: none), the rest left to the products. On
+// the VM of the figures above, whose cores often slow down unevenly, the split rows otherwise
+// leave the faster thread idle at the end of the loop. Each block of dx is one GEMM over rows of
+// dz whose values are final, as after the loop. Float32 backward op, early dx / none, paired, in
+// runs minutes apart: 128/16/128 0.93-0.99 (5 runs), 64/32/256 0.94-1.00 (5), 128/64/256
+// 0.97-0.99 (5), 128/32/128 0.97-0.98 (3), but 32/64/512 1.02 (1); with 1% resets 0.97 at
+// 128/64/256 and 1.02 at 128/16/128. A small gain, often none: without the cap on the block it
+// lost (1.01, 1.06, 1.18 at the first three shapes).
+// FUSED_BPTT_CPU_EARLY_DX = on | off (unset: on).
+constexpr int64_t kEarlyDxMinRows = 64;
+
+inline bool early_dx_on() {
+  return env_choice("FUSED_BPTT_CPU_EARLY_DX", {"on", "off"}) == 0;
+}
+
+template <typename Out, typename Step, typename Dx>
+int64_t backward_recurrence_early_dx(const RnnShape& s, const Bounds& bounds, Out* out,
+                                     const Step& step, const Dx& dx) {
+  const int64_t T = s.T, tiles = (s.B + kStepRows - 1) / kStepRows;
+  // progress[tile]: how many steps (T-1 down) that row tile has finished.
+  std::vector<std::atomic<int64_t>> progress(tiles);
+  for (auto& p : progress) p.store(0, std::memory_order_relaxed);
+  std::atomic<int64_t> t_lo{T};
+  const int64_t min_steps = std::max<int64_t>(1, (kEarlyDxMinRows + s.B - 1) / s.B);
+  parallel_rows(s.B, T * s.B * s.H * s.H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
+    const int64_t p0 = r0 / kStepRows, p1 = (r1 + kStepRows - 1) / kStepRows;
+    auto publish = [&](int64_t i) {
+      for (int64_t p = p0; p < p1; ++p) progress[p].store(i, std::memory_order_release);
+    };
+    try {
+      recurrence_rows</*kReverse=*/true>(s, bounds, out, r0, r1, step, publish);
+    } catch (...) {  // nobody may wait on these rows then
+      publish(T);
+      throw;
+    }
+    for (int spins = 0;;) {
+      int64_t done = T;  // steps finished by every row
+      for (const auto& p : progress) done = std::min(done, p.load(std::memory_order_acquire));
+      if (done == T) return;
+      int64_t hi = t_lo.load(std::memory_order_relaxed);
+      const int64_t lo = std::max(T - done, hi - std::max(min_steps, (T - done) / 2));
+      if (hi - lo >= min_steps && t_lo.compare_exchange_strong(hi, lo)) {
+        dx(lo, hi);
+        spins = 0;
+      } else {
+        StepChunks::spin_pause(spins);
+      }
+    }
+  });
+  return t_lo.load();
+}
+
 // How many steps a chunk of the overlapped recurrence has (above), 0 for the split rows.
 // FUSED_BPTT_CPU_OVERLAP = auto | on | off; "on" overlaps at any size and thread count (tests).
 inline int64_t overlap_chunk_steps(const RnnShape& s, bool backward, int64_t weight_bytes) {
@@ -344,21 +401,21 @@ inline void run_concurrently(const std::vector<std::function<void()>>& tasks) {
 
 // The backward's products side by side (concurrent_products), the biggest first: dw_ih(), then
 // dh0_and_dw_hh() unless there are resets (the caller runs it once the reset rows of dz are
-// zeroed), then dx(t0, t1) over each quarter of the steps, then db() (a column sum, on one thread
-// like the rest, where it would otherwise run alone after them). dx in quarters rather than
-// halves leaves less for one thread to finish alone when the other is slower (the VM of
+// zeroed), then dx(t0, t1) over each quarter of the steps [0, dx_steps), then db() (a column sum,
+// on one thread like the rest, where it would otherwise run alone after them). dx in quarters
+// rather than halves leaves less for one thread to finish alone when the other is slower (the VM of
 // concurrent_products' figures often runs one core 10-30% slower than the other): float32 backward
 // op, quarters / halves, paired, in runs minutes apart: 128/16/128 0.96-0.99 (4 runs), 64/32/256
 // 0.97-1.00 (4), 128/64/256 0.95-0.99 (3), 128/32/128 0.985; eighths gained nothing more.
 constexpr int64_t kDxParts = 4;
 
 template <typename DwIh, typename DwHh, typename Dx, typename Db>
-void products_side_by_side(int64_t T, bool resets, const DwIh& dw_ih, const DwHh& dh0_and_dw_hh,
-                           const Dx& dx, const Db& db) {
+void products_side_by_side(int64_t dx_steps, bool resets, const DwIh& dw_ih,
+                           const DwHh& dh0_and_dw_hh, const Dx& dx, const Db& db) {
   std::vector<std::function<void()>> tasks{dw_ih};
   if (!resets) tasks.emplace_back(dh0_and_dw_hh);
   for (int64_t p = 0; p < kDxParts; ++p) {
-    const int64_t t0 = T * p / kDxParts, t1 = T * (p + 1) / kDxParts;
+    const int64_t t0 = dx_steps * p / kDxParts, t1 = dx_steps * (p + 1) / kDxParts;
     tasks.emplace_back([&dx, t0, t1] { dx(t0, t1); });
   }
   tasks.emplace_back(db);
