@@ -223,7 +223,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
       k.backward(carry ? dzp + o + BH : nullptr, w.data(), part.data() + a * H, grad_at(kind, t, a),
                  grad_ld(kind), yp + o, dzp + o, e - a, carry ? H : 0, H, relu);
     };
-    if (overlap == 0 && early_dx) {
+    if (early_dx) {  // (implies overlap == 0)
       dx_from = backward_recurrence_early_dx(s, bounds, dzp, step, dx_rows);
     } else if (overlap == 0) {
       kernel_recurrence</*kReverse=*/true>(s, bounds, dzp, step);

@@ -41,6 +41,16 @@ constexpr int64_t kKernelMaxWeightBytesAvx2 = 16 << 20;
 // Below this much work a call stays on one thread: starting the others costs microseconds.
 constexpr int64_t kParallelMinFma = 1 << 18;       // multiply-adds of a whole recurrence
 constexpr int64_t kParallelMinElements = 1 << 14;  // elements of one elementwise pass
+
+// Whether the recurrence of shape s has the work to split its rows among threads.
+inline bool recurrence_threaded(const RnnShape& s) {
+  return s.T * s.B * s.H * s.H >= kParallelMinFma;
+}
+
+// Register tiles of kStepRows rows (the last one partial) that B rows make.
+inline int64_t row_tiles(int64_t B) {
+  return (B + kStepRows - 1) / kStepRows;
+}
 // The overlapped recurrence (overlap_chunk_steps): two row tiles overlap in the backward while
 // W_hh (as the kernel reads it) is at most this big; up to four tiles in the forward while it is
 // at most the second size; dW_ih goes in per-chunk partial sums when a chunk has at least this
@@ -85,8 +95,7 @@ bool fuse_input_projection(const StepKernels<T>& k, const RnnShape& s) {
   const int want = env_choice("FUSED_BPTT_CPU_INPUT", {"auto", "gemm", "kernel"});
   if (want != kAuto) return want == kKernel;
   const int64_t row_bytes = s.H * static_cast<int64_t>(sizeof(T));
-  const bool threaded = s.T * s.B * s.H * s.H >= kParallelMinFma;
-  const int64_t threads = threaded ? at::get_num_threads() : 1;
+  const int64_t threads = recurrence_threaded(s) ? at::get_num_threads() : 1;
   return avx512_kernels(k) && row_bytes >= 256 &&  // whole 4-vector tiles
          s.H * row_bytes <= (64 << 10) &&          // W_hh^T in 64 KiB
          s.I * row_bytes <= (512 << 10) &&         // W_ih^T in 512 KiB
@@ -98,7 +107,7 @@ bool fuse_input_projection(const StepKernels<T>& k, const RnnShape& s) {
 // of its rows without waiting for the others: no barrier per step.
 template <typename Fn>
 void parallel_rows(int64_t B, bool worth_threads, const Fn& fn) {
-  const int64_t tiles = (B + kStepRows - 1) / kStepRows;
+  const int64_t tiles = row_tiles(B);
   at::parallel_for(0, tiles, worth_threads ? 1 : tiles, [&](int64_t p0, int64_t p1) {
     fn(p0 * kStepRows, std::min(B, p1 * kStepRows));
   });
@@ -181,7 +190,7 @@ void recurrence_rows(const RnnShape& s, const Bounds& bounds, Out* out, int64_t 
 // (no barrier per step); step(kind, t, a, e) runs the kernel on rows [a, e) of step t.
 template <bool kReverse, typename Out, typename Step>
 void kernel_recurrence(const RnnShape& s, const Bounds& bounds, Out* out, const Step& step) {
-  parallel_rows(s.B, s.T * s.B * s.H * s.H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
+  parallel_rows(s.B, recurrence_threaded(s), [&](int64_t r0, int64_t r1) {
     recurrence_rows<kReverse>(s, bounds, out, r0, r1, step, [](int64_t) {});
   });
 }
@@ -308,14 +317,13 @@ inline bool early_dx_on() {
 template <typename Out, typename Step, typename Dx>
 int64_t backward_recurrence_early_dx(const RnnShape& s, const Bounds& bounds, Out* out,
                                      const Step& step, const Dx& dx) {
-  const int64_t T = s.T, tiles = (s.B + kStepRows - 1) / kStepRows;
-  // progress[tile]: how many steps (T-1 down) that row tile has finished.
-  std::vector<std::atomic<int64_t>> progress(tiles);
-  for (auto& p : progress) p.store(0, std::memory_order_relaxed);
+  const int64_t T = s.T;
+  // progress[tile]: how many steps (T-1 down) that row tile has finished; value-initialized: 0.
+  std::vector<std::atomic<int64_t>> progress(row_tiles(s.B));
   std::atomic<int64_t> t_lo{T};
   const int64_t min_steps = std::max<int64_t>(1, (kEarlyDxMinRows + s.B - 1) / s.B);
-  parallel_rows(s.B, T * s.B * s.H * s.H >= kParallelMinFma, [&](int64_t r0, int64_t r1) {
-    const int64_t p0 = r0 / kStepRows, p1 = (r1 + kStepRows - 1) / kStepRows;
+  parallel_rows(s.B, recurrence_threaded(s), [&](int64_t r0, int64_t r1) {
+    const int64_t p0 = r0 / kStepRows, p1 = row_tiles(r1);
     auto publish = [&](int64_t i) {
       for (int64_t p = p0; p < p1; ++p) progress[p].store(i, std::memory_order_release);
     };
@@ -349,13 +357,13 @@ inline int64_t overlap_chunk_steps(const RnnShape& s, bool backward, int64_t wei
   const int want = env_choice("FUSED_BPTT_CPU_OVERLAP", {"auto", "on", "off"});
   if (want == kOff || s.B == 0 || s.T == 0) return 0;
   if (want == kAuto) {
-    const int64_t tiles = (s.B + kStepRows - 1) / kStepRows;
+    const int64_t tiles = row_tiles(s.B);
     const bool shape_gains =
         tiles == 1 || (backward ? tiles == 2 && weight_bytes <= kOverlapMaxWeightBytes
                                 : tiles <= kOverlapForwardMaxTiles &&
                                       weight_bytes <= kOverlapForwardMaxWeightBytes);
     if (!shape_gains || s.T < 2 || at::get_num_threads() < 2 || at::in_parallel_region() ||
-        s.T * s.B * s.H * s.H < kParallelMinFma) {
+        !recurrence_threaded(s)) {
       return 0;
     }
   }
