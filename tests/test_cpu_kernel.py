@@ -225,6 +225,23 @@ def test_early_dx(monkeypatch, restore_threads, early, shape, relu, dtype):
     )
 
 
+@pytest.mark.parametrize("early", ["on", "off"])
+def test_early_dx_empty_batch(monkeypatch, restore_threads, early):
+    """B = 0 on two threads with the products side by side: empty gradients, zero weight
+    gradients (the early dx once divided by B here and crashed the process)."""
+    torch.set_num_threads(2)
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
+    monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "concurrent")
+    monkeypatch.setenv("FUSED_BPTT_CPU_EARLY_DX", early)
+    T, I, H = 6, 5, 70
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, 0, I, H, torch.float32)
+    y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False)
+    dx, dh0, dw_ih, dw_hh, db = ops.rnn_backward(torch.ones(T, 0, H), x, h0, w_ih, w_hh, y, False)
+    assert dx.shape == (T, 0, I) and dh0.shape == (0, H)
+    for name, g in (("dW_ih", dw_ih), ("dW_hh", dw_hh), ("db", db)):
+        assert torch.equal(g, torch.zeros_like(g)), name
+
+
 def test_early_dx_is_deterministic(monkeypatch, restore_threads):
     """Where the early blocks of dx end depends on the threads' timing, but each row of dx is the
     same dot products whichever GEMM computes it: the same bits call after call."""

@@ -321,7 +321,8 @@ int64_t backward_recurrence_early_dx(const RnnShape& s, const Bounds& bounds, Ou
   // progress[tile]: how many steps (T-1 down) that row tile has finished; value-initialized: 0.
   std::vector<std::atomic<int64_t>> progress(row_tiles(s.B));
   std::atomic<int64_t> t_lo{T};
-  const int64_t min_steps = std::max<int64_t>(1, (kEarlyDxMinRows + s.B - 1) / s.B);
+  const int64_t rows = std::max<int64_t>(s.B, 1);  // (B = 0: no rows, nothing to wait for)
+  const int64_t min_steps = std::max<int64_t>(1, (kEarlyDxMinRows + rows - 1) / rows);
   parallel_rows(s.B, recurrence_threaded(s), [&](int64_t r0, int64_t r1) {
     const int64_t p0 = r0 / kStepRows, p1 = row_tiles(r1);
     auto publish = [&](int64_t i) {
