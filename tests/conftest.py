@@ -161,9 +161,12 @@ TOLERANCES[torch.float16] = dict(rtol=2e-3, atol=2e-3)
 LOW_PRECISION_DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_threads():
-    """For tests that call torch.set_num_threads: the thread count as it was, afterwards."""
+    """torch's thread count as it was before each test, afterwards: for the tests that set it,
+    and for those that run a bench script's main() in-process (demo, long_range and bench_memory
+    set --threads and leave it; long_range's default of 1 once left every later test on one
+    thread, where the two-thread paths never ran)."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
