@@ -1,6 +1,7 @@
 // env.h: the run-time switches read from environment variables (FUSED_BPTT_CPU_GEMM,
-// FUSED_BPTT_CPU_ISA, FUSED_BPTT_CPU_INPUT, FUSED_BPTT_CPU_OVERLAP, FUSED_BPTT_CPU_PRODUCTS,
-// FUSED_BPTT_CPU_EARLY_DX, FUSED_BPTT_CUDA_PATH), parsed one way for every backend.
+// FUSED_BPTT_CPU_ISA, FUSED_BPTT_CPU_INPUT, FUSED_BPTT_CPU_OVERLAP, FUSED_BPTT_CPU_HANDOFF,
+// FUSED_BPTT_CPU_PRODUCTS, FUSED_BPTT_CPU_EARLY_DX, FUSED_BPTT_CUDA_PATH), parsed one way for every
+// backend.
 #pragma once
 
 #include <c10/util/Exception.h>

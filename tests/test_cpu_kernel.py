@@ -11,6 +11,9 @@ Paths, chosen through environment variables the ops read on every call:
     FUSED_BPTT_CPU_OVERLAP = auto | on | off: the recurrence on one thread while the others run
         the GEMMs chunk by chunk, or threads splitting the rows (auto: overlapped where measured
         faster, small batches)
+    FUSED_BPTT_CPU_HANDOFF = auto | half: with the forward overlapped, the thread that runs out of
+        chunks to project takes over half of the row tiles from the next step (half: the
+        recurrence waits at step T/2 for it, so that the handover happens there)
     FUSED_BPTT_CPU_PRODUCTS = auto | concurrent | serial: the backward's GEMMs after the
         recurrence each on one thread, side by side, or one after the other on all threads (auto:
         side by side on two threads)
@@ -155,6 +158,31 @@ def test_overlapped_backward_is_deterministic(monkeypatch, shape):
     dW_ih has one fixed order: two calls give the same bits."""
     monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "on")
     assert_backward_deterministic(shape)
+
+
+# Two row tiles (rows 4 and 5 move), three (one moves, with the partial tile), four; chunks of one
+# step or of several, T/2 inside a chunk or at its start; H > 128 (K-chunked tiles).
+HANDOFF_SHAPES = [(29, 6, 5, 17), (33, 9, 4, 150), (64, 16, 7, 33), (7, 13, 3, 6)]
+
+
+@pytest.mark.parametrize("shape", HANDOFF_SHAPES, ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+def test_forward_handoff(monkeypatch, restore_threads, shape, relu, dtype):
+    """The overlapped forward with the upper half of the row tiles handed to the helper thread at
+    step T/2 against the float64 reference, and y bitwise that of the same chunks on one thread
+    (no helper, no handover): the handover moves rows between threads, never changes the
+    operations of an element. (Against the split rows y may differ in the last bit: a BLAS may
+    round a GEMM over a chunk of the steps differently from one over all of them.)"""
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "on")
+    monkeypatch.setenv("FUSED_BPTT_CPU_HANDOFF", "half")
+    torch.set_num_threads(1)
+    x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(*shape, dtype)
+    y_alone = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+    torch.set_num_threads(2)
+    check_against_reference(shape, dtype, relu, grad_h_n=True)
+    for _ in range(3):
+        y = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, relu)
+        assert torch.equal(y, y_alone), f"{shape}: the handover changed y"
 
 
 def test_overlap_auto_is_one_of_the_two(monkeypatch, restore_threads):
@@ -373,6 +401,11 @@ def test_rejects_unknown_switch_values(monkeypatch):
     monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "yes")
     with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_OVERLAP must be one of auto, on, off"):
         ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
+    monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "on")
+    monkeypatch.setenv("FUSED_BPTT_CPU_HANDOFF", "now")
+    with pytest.raises(RuntimeError, match="FUSED_BPTT_CPU_HANDOFF must be one of auto, half"):
+        ops.rnn_forward(x, h0, w_ih, w_hh, None, None, False)
+    monkeypatch.delenv("FUSED_BPTT_CPU_HANDOFF")
     monkeypatch.delenv("FUSED_BPTT_CPU_OVERLAP")
     monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "parallel")
     with pytest.raises(

@@ -301,7 +301,16 @@ def test_cpp_kernel_checks_boundaries():
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled CPU kernels are not built")
 @pytest.mark.parametrize(
     "mode",
-    ["auto", "aten", "blas", "input-in-kernel", "overlapped", "concurrent-products", "early-dx"],
+    [
+        "auto",
+        "aten",
+        "blas",
+        "input-in-kernel",
+        "overlapped",
+        "handoff",
+        "concurrent-products",
+        "early-dx",
+    ],
 )
 @pytest.mark.parametrize(
     "shape",
@@ -312,14 +321,16 @@ def test_cpp_kernel_checks_boundaries():
 def test_cpu_kernel_paths(monkeypatch, mode, shape, dtype):
     """Every CPU step path (hand-written kernel, K > 128 partial sums, BLAS per step, threads over
     rows; the forward's input projection inside the step kernel; the recurrence on one thread
-    overlapped with chunked GEMMs, with and without dW_ih partial sums; the backward's GEMMs side
+    overlapped with chunked GEMMs, with and without dW_ih partial sums, and with half the rows
+    handed to the helper thread at T/2 in the forward; the backward's GEMMs side
     by side, and dW_hh after them once the reset rows of dz are zeroed, with and without dx taken
     during the recurrence by the thread that finishes first: the last shape splits its rows
     unevenly) with resets and lengths, against the float64 loop."""
     if mode == "input-in-kernel":
         monkeypatch.setenv("FUSED_BPTT_CPU_INPUT", "kernel")
-    elif mode == "overlapped":
+    elif mode in ("overlapped", "handoff"):
         monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "on")
+        monkeypatch.setenv("FUSED_BPTT_CPU_HANDOFF", "half" if mode == "handoff" else "auto")
     elif mode in ("concurrent-products", "early-dx"):
         monkeypatch.setenv("FUSED_BPTT_CPU_OVERLAP", "off")
         monkeypatch.setenv("FUSED_BPTT_CPU_PRODUCTS", "concurrent")

@@ -39,7 +39,8 @@
 //   backward: rnn_cpu.h, overlap_chunk_steps), where splitting the rows among threads gains
 //   little or nothing, or waits for the slower of two unevenly loaded cores: one thread runs the
 //   recurrence over all rows while the others run, chunk by chunk of steps, the forward's input
-//   projection ahead of it or the backward's dx (and dW_ih in partial sums) behind it.
+//   projection ahead of it (and then, in the forward, take over half of the rows once every
+//   chunk is projected) or the backward's dx (and dW_ih in partial sums) behind it.
 // - Determinism: every output element is computed by one fixed sequence of operations; in the
 //   recurrence threads split rows, never a reduction, so results are the same bits run after run
 //   and, in the recurrence, for any thread count (the BLAS GEMMs and db's column sum may round
@@ -118,19 +119,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w
               fused_input ? w_ih_t.data() : nullptr);
   };
   if (overlap == 0) return kernel_recurrence</*kReverse=*/false>(s, bounds, yp, step);
-  // One thread runs the steps; the others project chunks of x ahead of it.
-  StepChunks chunks(s.T, overlap);
-  auto project_chunk = [&](int64_t c) { project(chunks.first(c), chunks.last(c)); };
-  overlapped(
-      [&] {
-        recurrence_rows</*kReverse=*/false>(s, bounds, yp, 0, B, step, [&](int64_t i) {
-          if (i < s.T && i % overlap == 0) chunks.wait_for(i / overlap, project_chunk);
-        });
-      },
-      [&] {
-        while (chunks.run_next(project_chunk)) {
-        }
-      });
+  // One thread runs the steps; the others project chunks of x ahead of it (rnn_cpu.h).
+  overlapped_forward(s, bounds, yp, overlap, step, project);
 }
 
 template <typename scalar_t>
@@ -247,7 +237,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
         }
       };
       overlapped(
-          [&] {
+          [&](bool) {
             try {
               recurrence_rows</*kReverse=*/true>(s, bounds, dzp, 0, B, step, [&](int64_t i) {
                 if (i % overlap == 0 || i == T) {

@@ -59,6 +59,7 @@ constexpr int64_t kOverlapMaxWeightBytes = 16 << 10;
 constexpr int64_t kOverlapForwardMaxTiles = 4;
 constexpr int64_t kOverlapForwardMaxWeightBytes = 256 << 10;
 constexpr int64_t kOverlapMinPartialRows = 128;
+constexpr int64_t kOverlapForwardChunkRows = 64;
 
 // Whether k (a StepKernels table of any dtype) is the AVX-512 one.
 template <typename Kernels>
@@ -168,22 +169,28 @@ void zero_run(Out* out_t, int64_t a, int64_t e, int64_t H) {
   std::fill(out_t + a * H, out_t + e * H, Out(0));
 }
 
-// All T steps of rows [r0, r1) on this thread, in the loop's order (kReverse: t = T-1 .. 0):
-// before(i) runs before the i-th step of that order, and before(T) after the last.
+// The i-th step of the loop's order (kReverse: t = T-1-i, else t = i) on rows [r0, r1).
+template <bool kReverse, typename Out, typename Step>
+void recurrence_step(const RnnShape& s, const Bounds& bounds, Out* out, int64_t i, int64_t r0,
+                     int64_t r1, const Step& step) {
+  const int64_t t = kReverse ? s.T - 1 - i : i;
+  const auto kind_of = [&](int64_t row) { return kind_at<kReverse>(bounds, t, row); };
+  for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
+    if (kind == RowKind::kPadded) return zero_run(out + t * s.B * s.H, a, e, s.H);
+    step(kind, t, a, e);
+  });
+}
+
+// All T steps of rows [r0, r1) on this thread, in the loop's order: before(i) runs before the
+// i-th step of that order, and before(T) after the last.
 template <bool kReverse, typename Out, typename Step, typename Before>
 void recurrence_rows(const RnnShape& s, const Bounds& bounds, Out* out, int64_t r0, int64_t r1,
                      const Step& step, const Before& before) {
-  const int64_t T = s.T, H = s.H, BH = s.B * s.H;
-  for (int64_t i = 0; i < T; ++i) {
+  for (int64_t i = 0; i < s.T; ++i) {
     before(i);
-    const int64_t t = kReverse ? T - 1 - i : i;
-    const auto kind_of = [&](int64_t row) { return kind_at<kReverse>(bounds, t, row); };
-    for_each_run(r0, r1, kind_of, [&](RowKind kind, int64_t a, int64_t e) {
-      if (kind == RowKind::kPadded) return zero_run(out + t * BH, a, e, H);
-      step(kind, t, a, e);
-    });
+    recurrence_step<kReverse>(s, bounds, out, i, r0, r1, step);
   }
-  before(T);
+  before(s.T);
 }
 
 // The step-kernel path: threads split the batch rows and each runs all T steps of its own rows
@@ -221,6 +228,15 @@ void kernel_recurrence(const RnnShape& s, const Bounds& bounds, Out* out, const 
 // B = 32 0.87-0.90 at 128/32/128 but 1.14 at 64/32/128. So the forward overlaps up to
 // kOverlapForwardMaxTiles tiles while W_hh fits kOverlapForwardMaxWeightBytes (H <= 256 in
 // float32): at most 6% slower in a quiet spell, up to 30% faster in a contended one.
+// Those figures are for about 8 chunks of at most 256 rows each, and a helper that waited idle
+// for the end of the recurrence once it had projected the last chunk. The forward now takes
+// chunks of at most kOverlapForwardChunkRows rows (the recurrence waits for the first one: 150 us
+// of a 1.7 ms forward at 128/16/128 with 256-row chunks) and hands half of the row tiles to the
+// helper once it runs out of chunks (overlapped_forward). Forward op, paired against the former
+// rule in three runs minutes apart: 128/16/128 0.90, 0.97, 0.97; 256/8/64 0.92, 0.97, 1.00;
+// 128/8/128 0.87, 0.87, 0.87; 256/4/64 (one tile: smaller chunks only) 0.91, 0.91, 0.92.
+// Chunks of 16 rows ran 1.17-1.22x slower (a BLAS call's fixed cost), of 32 rows 0.96-1.08, of
+// 128 rows 0.95-0.99. Against the split rows then: 0.86-0.88 at 128/16/128, 256/8/64, 256/4/64.
 // Per-chunk partials of dW_ih pay where chunks have at least kOverlapMinPartialRows rows (at
 // 32/2/512, 8 rows a chunk, they made the backward 2x slower).
 
@@ -278,20 +294,87 @@ class StepChunks {
   std::vector<std::atomic<bool>> done_;  // value-initialized: false
 };
 
-// Runs rec() on one thread and help() on each other thread of the pool, at the same time. If
-// there is only one thread (nested in a parallel region, or a pool of one), that thread runs
-// rec() first and then help(): rec() must not wait on help() (StepChunks::wait_for never does).
+// Runs rec(beside) on one thread and help() on each other thread of the pool, at the same time;
+// beside: help() runs on another thread while rec() does. If there is only one thread (nested in
+// a parallel region, or a pool of one), that thread runs rec(false) first and then help(): rec()
+// must not wait on help() then (StepChunks::wait_for never does).
 template <typename Rec, typename Help>
 void overlapped(const Rec& rec, const Help& help) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       if (p == 0) {
-        rec();
+        rec(p1 == 1 && at::get_num_threads() > 1);
       } else {
         help();
       }
     }
   });
+}
+
+// The forward's overlapped recurrence (overlap_chunk_steps): one thread runs the steps
+// t = 0 .. T-1 on all rows, waiting before each chunk of `per` steps for its input projection,
+// project(t0, t1) (y_t = x_t W_ih^T over the steps [t0, t1)), which the other threads compute
+// ahead of it (or which it computes itself where nobody has taken the chunk yet); step(kind, t,
+// a, e) as in kernel_recurrence. The projection is the lighter of the two, so its thread runs out
+// of chunks first and would then wait idle for the end of the recurrence: instead the first
+// helper that runs out takes over the upper half of the row tiles from the next step the
+// recurrence starts, and runs those rows to the end itself (a batch of one row tile has nothing
+// to hand over). Rows are independent, and every output element is the same sequence of
+// operations in whichever tile or thread computes it, so the handover changes no bits.
+// FUSED_BPTT_CPU_HANDOFF = auto | half: half (tests) makes the recurrence wait at step T/2 for a
+// helper running beside it to ask, so that the handover happens there.
+template <typename Out, typename Step, typename Project>
+void overlapped_forward(const RnnShape& s, const Bounds& bounds, Out* out, int64_t per,
+                        const Step& step, const Project& project) {
+  const int64_t T = s.T, B = s.B, tiles = row_tiles(B);
+  const int64_t split = tiles >= 2 ? tiles / 2 * kStepRows : B;  // rows [split, B) can move
+  const bool at_half = env_choice("FUSED_BPTT_CPU_HANDOFF", {"auto", "half"}) == 1;
+  StepChunks chunks(T, per);
+  auto project_chunk = [&](int64_t c) { project(chunks.first(c), chunks.last(c)); };
+  std::atomic<bool> asked{false};
+  std::atomic<int64_t> handed{-1};  // the first step of rows [split, B) on the helper; T: none
+  overlapped(
+      [&](bool beside) {
+        int64_t r1 = B;
+        try {
+          for (int64_t i = 0; i < T; ++i) {
+            if (i % per == 0) chunks.wait_for(i / per, project_chunk);
+            if (at_half && beside && i == T / 2 && r1 > split) {
+              for (int spins = 0; !asked.load(std::memory_order_acquire);) {
+                StepChunks::spin_pause(spins);
+              }
+            }
+            if (r1 > split && asked.load(std::memory_order_acquire)) {
+              r1 = split;
+              handed.store(i, std::memory_order_release);
+            }
+            recurrence_step</*kReverse=*/false>(s, bounds, out, i, 0, r1, step);
+          }
+        } catch (...) {  // nobody may wait for the rows then
+          if (r1 > split) handed.store(T, std::memory_order_release);
+          throw;
+        }
+        if (r1 > split) handed.store(T, std::memory_order_release);
+      },
+      [&] {
+        try {
+          while (chunks.run_next(project_chunk)) {
+          }
+        } catch (...) {  // the recurrence may be waiting for a request (half)
+          asked.store(true, std::memory_order_release);
+          throw;
+        }
+        if (split == B || asked.exchange(true, std::memory_order_acq_rel)) return;
+        int64_t from;
+        for (int spins = 0; (from = handed.load(std::memory_order_acquire)) < 0;) {
+          StepChunks::spin_pause(spins);
+        }
+        // Every chunk is taken by now, but another helper may still be running one.
+        for (int64_t c = from / per; c < chunks.count(); ++c) chunks.wait_for(c, project_chunk);
+        for (int64_t i = from; i < T; ++i) {
+          recurrence_step</*kReverse=*/false>(s, bounds, out, i, split, B, step);
+        }
+      });
 }
 
 // The backward's split-row recurrence (kernel_recurrence, reverse order) when its products run
@@ -368,8 +451,10 @@ inline int64_t overlap_chunk_steps(const RnnShape& s, bool backward, int64_t wei
       return 0;
     }
   }
-  // About 8 chunks, of at most 256 rows: the first chunk's GEMM is the recurrence's wait.
-  return std::max<int64_t>(std::min((s.T + 7) / 8, (256 + s.B - 1) / s.B), 1);
+  // About 8 chunks, of at most 256 rows in the backward, kOverlapForwardChunkRows in the forward
+  // (whose recurrence waits for the first one).
+  const int64_t rows = backward ? 256 : kOverlapForwardChunkRows;
+  return std::max<int64_t>(std::min((s.T + 7) / 8, (rows + s.B - 1) / s.B), 1);
 }
 
 // The backward's products after its recurrence: dW_ih, dW_hh (and dh0), and dx in parts of the
