@@ -221,7 +221,11 @@ def plot(path, args, rows, timing):
 
 def main(argv=None):
     args = parse_args(argv)
-    bench_util.set_threads(args.threads)
+    with bench_util.torch_threads(args.threads):
+        return _main(args)
+
+
+def _main(args):
     if args.worker:
         return bench_util.worker_result(
             (memory_worker if args.worker == "memory" else time_worker)(args)

@@ -7,6 +7,7 @@ everything the process touched (tensors, autograd graph, allocator slack), nothi
 before. Measured in a fresh process per figure, so no allocator cache of an earlier one counts.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -95,13 +96,20 @@ def peak_memory_supported():
     return CLEAR_REFS.exists()
 
 
-def set_threads(threads):
-    """--threads: torch's thread count, 0 for torch's default (on a busy machine 1 is steadier:
-    OpenMP threads stall the short steps when a core is taken)."""
-    if threads:
-        import torch
+@contextlib.contextmanager
+def torch_threads(threads):
+    """--threads for the length of a main(): torch's thread count, 0 for torch's default (on a
+    busy machine 1 is steadier: OpenMP threads stall the short steps when a core is taken). The
+    count is put back afterwards: the mains are also called in-process (the tests)."""
+    import torch
 
+    before = torch.get_num_threads()
+    if threads:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def output_folder(path):

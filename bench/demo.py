@@ -63,7 +63,7 @@ from bench_util import (  # noqa: E402
     import_fused_bptt,
     output_folder,
     save_figure,
-    set_threads,
+    torch_threads,
     write_csv,
 )
 
@@ -591,8 +591,12 @@ def report(header, pulse_summary, recall_summary, pulse_rows, recall_rows, timin
 def main(argv=None):
     """Trains, evaluates, times, writes the outputs; returns the per-run rows of each task."""
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return _main(args)
+
+
+def _main(args):
     out = output_folder(args.out)
-    set_threads(args.threads)
     header = describe(args, check_backend(args))
     print(header, flush=True)
     pulse, recall = make_tasks(args)

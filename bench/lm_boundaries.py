@@ -385,13 +385,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     used = check_backend(args)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with bench_util.torch_threads(args.threads):
         return run(args, used, out)
-    finally:  # main() is also called in-process (the tests): leave torch as it was
-        torch.set_num_threads(threads)
 
 
 def run(args, used, out):

@@ -352,7 +352,11 @@ def plot(path, args, rows, curves):
 
 def main(argv=None):
     args = parse_args(argv)
-    bench_util.set_threads(args.threads)
+    with bench_util.torch_threads(args.threads):
+        return _main(args)
+
+
+def _main(args):
     if args.memory_worker:
         return bench_util.worker_result(memory_worker(args, args.memory_worker))
     bench_util.require_cpp_backend("long_range")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import fused_bptt
 
@@ -33,6 +34,15 @@ def load_script(name):
     return module
 
 
+def run_main(name, args):
+    """load_script(name).main(args + --threads 1) from two threads: main() must leave torch's
+    thread count as it found it (the scripts run in-process here, and in users' notebooks)."""
+    torch.set_num_threads(2)  # (conftest's restore_threads puts the count back after the test)
+    result = load_script(name).main([*args, "--threads", "1"])
+    assert torch.get_num_threads() == 2, f"{name}.main() left torch on another thread count"
+    return result
+
+
 def quick_backend():
     """The demo refuses the slow reference backend unless asked for it by name."""
     return [] if "cpp" in fused_bptt.available_backends() else ["--backend", "reference"]
@@ -40,7 +50,7 @@ def quick_backend():
 
 def test_demo_quick_run(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = load_script("demo").main(["--quick", "--out", str(tmp_path), *quick_backend()])
+    rows = run_main("demo", ["--quick", "--out", str(tmp_path), *quick_backend()])
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert (tmp_path / "demo.csv").read_text().count("\n") == len(rows["pulse"]) + 1
     assert (tmp_path / "demo_recall.csv").read_text().count("\n") == len(rows["recall"]) + 1
@@ -55,7 +65,7 @@ def test_long_range_demo_quick_run(tmp_path):
     pytest.importorskip("matplotlib")
     if "cpp" not in fused_bptt.available_backends():
         pytest.skip("the long-range demo needs the compiled CPU kernels")
-    rows = load_script("long_range").main(["--quick", "--out", str(tmp_path)])
+    rows = run_main("long_range", ["--quick", "--out", str(tmp_path)])
     assert [r["method"] for r in rows] == ["tbptt", "tbptt_k1_k2", "checkpointed", "plain"]
     curves = list(csv.DictReader((tmp_path / "long_range_curves.csv").open()))
     assert len(curves) == sum(r["updates"] for r in rows)
@@ -70,7 +80,7 @@ def test_memory_bench_quick_run(tmp_path):
     pytest.importorskip("matplotlib")
     if "cpp" not in fused_bptt.available_backends():
         pytest.skip("the memory bench needs the compiled CPU kernels")
-    rows, timing = load_script("bench_memory").main(["--quick", "--out", str(tmp_path)])
+    rows, timing = run_main("bench_memory", ["--quick", "--out", str(tmp_path)])
     assert {(r["method"], r["T"]) for r in rows} == {("plain", 400), ("checkpointed", 1600)}
     assert all(r["peak_mib"] >= 0 and r["seconds"] > 0 for r in rows)
     assert timing and all(r["plain_s"] > 0 and r["checkpointed_s"] > 0 for r in timing)
@@ -104,7 +114,7 @@ def test_lm_boundaries_quick_run(tmp_path):
     """The boundaries demo runs every variant, trains with and without boundaries, evaluates
     each model both ways and writes its table, curves, summary and plot."""
     pytest.importorskip("matplotlib")
-    rows = load_script("lm_boundaries").main(["--quick", "--out", str(tmp_path), *quick_backend()])
+    rows = run_main("lm_boundaries", ["--quick", "--out", str(tmp_path), *quick_backend()])
     combos = {(r["variant"], r["trained"], r["evaluated"]) for r in rows}
     assert combos == {
         (v, t, e)
