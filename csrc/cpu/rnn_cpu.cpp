@@ -225,9 +225,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const a
       if (overlap * B >= kOverlapMinPartialRows) dw_ih_parts.resize(chunks.count() * H * I);
       std::atomic<int64_t> finished{0};  // chunks whose dz the recurrence has written
       auto dx_chunk = [&](int64_t c) {
-        for (int spins = 0; finished.load(std::memory_order_acquire) <= c;) {
-          StepChunks::spin_pause(spins);
-        }
+        StepChunks::spin_until([&] { return finished.load(std::memory_order_acquire) > c; });
         const int64_t t0 = T - chunks.last(c), t1 = T - chunks.first(c);  // its times
         dx_rows(t0, t1);
         if (!dw_ih_parts.empty()) dw_ih_rows(t0, t1, dw_ih_parts.data() + c * H * I);

@@ -276,6 +276,12 @@ class StepChunks {
     }
   }
 
+  // Busy-waits (spin_pause) until ready() is true.
+  template <typename Ready>
+  static void spin_until(const Ready& ready) {
+    for (int spins = 0; !ready();) spin_pause(spins);
+  }
+
   // A busy wait's pause: the CPU's spin hint, and after a while the scheduler's turn to others
   // (more threads than cores).
   static void spin_pause(int& spins) {
@@ -340,9 +346,7 @@ void overlapped_forward(const RnnShape& s, const Bounds& bounds, Out* out, int64
           for (int64_t i = 0; i < T; ++i) {
             if (i % per == 0) chunks.wait_for(i / per, project_chunk);
             if (at_half && beside && i == T / 2 && r1 > split) {
-              for (int spins = 0; !asked.load(std::memory_order_acquire);) {
-                StepChunks::spin_pause(spins);
-              }
+              StepChunks::spin_until([&] { return asked.load(std::memory_order_acquire); });
             }
             if (r1 > split && asked.load(std::memory_order_acquire)) {
               r1 = split;
@@ -366,9 +370,8 @@ void overlapped_forward(const RnnShape& s, const Bounds& bounds, Out* out, int64
         }
         if (split == B || asked.exchange(true, std::memory_order_acq_rel)) return;
         int64_t from;
-        for (int spins = 0; (from = handed.load(std::memory_order_acquire)) < 0;) {
-          StepChunks::spin_pause(spins);
-        }
+        StepChunks::spin_until(
+            [&] { return (from = handed.load(std::memory_order_acquire)) >= 0; });
         // Every chunk is taken by now, but another helper may still be running one.
         for (int64_t c = from / per; c < chunks.count(); ++c) chunks.wait_for(c, project_chunk);
         for (int64_t i = from; i < T; ++i) {
