@@ -1,5 +1,5 @@
 // ops.cpp: the schemas of the fused RNN ops (defined once, here; their math is in fused_bptt.h)
-// and the Python module stub that lets `import fused_bptt._C` load this library.
+// and the Python module that `import fused_bptt._C` loads.
 // Each backend (cpu/, cuda/) registers only its own dispatch key.
 #include "fused_bptt.h"
 
@@ -30,9 +30,21 @@ TORCH_LIBRARY(fused_bptt, m) {
       "Tensor? lengths=None) -> Tensor[]");
 }
 
-// `import fused_bptt._C` loads this shared library, which runs the registrations above.
+namespace fused_bptt {
+PyMethodDef* eager_call_methods();  // eager_call.cpp
+}
+
+// `import fused_bptt._C` loads this shared library, which runs the registrations above; the
+// module's functions are the eager path's call of rnn_layer (eager_call.cpp).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
-                                      nullptr, nullptr, nullptr, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                                      "_C",
+                                      nullptr,
+                                      -1,
+                                      fused_bptt::eager_call_methods(),
+                                      nullptr,
+                                      nullptr,
+                                      nullptr,
+                                      nullptr};
   return PyModule_Create(&module);
 }

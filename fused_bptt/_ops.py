@@ -97,6 +97,12 @@ def has_kernel(dispatch_key: str) -> bool:
 
 
 if loaded():
+    # fused_bptt._C.rnn_layer (csrc/eager_call.cpp; FusedRNN's eager call of the op) hands the
+    # arguments it does not take itself to the torch.ops call, which handles them or raises.
+    if hasattr(_C, "set_rnn_layer_fallback"):
+        _overload = torch.ops.fused_bptt.rnn_layer.default
+        _C.set_rnn_layer_fallback(getattr(_overload, "_op", _overload))
+
     # The fake (meta) kernels: the checks of the real kernels, in Python so that sizes may be
     # symbolic under torch.compile(dynamic=True), then outputs of the right shape. They also serve
     # as the Meta kernels, so a meta tensor among CPU tensors is a device error here, never

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _ops
 from ._checks import check_bool_layout, check_boundaries
 from .export import _torch_is_exporting, onnx_export_active, onnx_forward
 from .function import check_backend_name, layer_forward, resolve_backend, resolved_backend
@@ -335,13 +336,16 @@ _RNN_LAYER = None
 
 
 def _rnn_layer_op():
-    """torch.ops.fused_bptt.rnn_layer (its one overload) as the builtin that OpOverload.__call__
-    calls, looked up once: the attribute chain and the extra Python frame cost microseconds a
-    call. The same op, dispatched the same way."""
+    """torch.ops.fused_bptt.rnn_layer (its one overload) as the eager path calls it, looked up
+    once: fused_bptt._C.rnn_layer, which calls the same op through the dispatcher without
+    torch.ops' boxed argument parsing (csrc/eager_call.cpp; several microseconds a call) and
+    hands what it does not take itself (a tensor subclass, a torch function mode) to torch.ops.
+    A library built without that function: the builtin that OpOverload.__call__ calls. Either
+    way the same op, dispatched the same way."""
     global _RNN_LAYER
     if _RNN_LAYER is None:
         overload = torch.ops.fused_bptt.rnn_layer.default
-        _RNN_LAYER = getattr(overload, "_op", overload)
+        _RNN_LAYER = getattr(_ops._C, "rnn_layer", None) or getattr(overload, "_op", overload)
     return _RNN_LAYER
 
 
