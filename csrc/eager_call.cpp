@@ -68,10 +68,11 @@ PyObject* rnn_layer(PyObject* /*module*/, PyObject* const* args, size_t nargsf, 
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-  // The tensors stay alive through the caller's references to args while the GIL is released.
-  const at::Tensor &x = THPVariable_Unpack(args[0]), &h0 = THPVariable_Unpack(args[1]);
-  const at::Tensor& weight_ih = THPVariable_Unpack(args[2]);
-  const at::Tensor& weight_hh = THPVariable_Unpack(args[3]);
+  // Owning copies (a reference count each), as torch.ops' stack holds: while the GIL is released
+  // another thread may rebind an argument's tensor (x.data = ...).
+  const at::Tensor x = THPVariable_Unpack(args[0]), h0 = THPVariable_Unpack(args[1]);
+  const at::Tensor weight_ih = THPVariable_Unpack(args[2]);
+  const at::Tensor weight_hh = THPVariable_Unpack(args[3]);
   const std::optional<at::Tensor> bias_ih = optional_tensor(args[4]);
   const std::optional<at::Tensor> bias_hh = optional_tensor(args[5]);
   const std::optional<at::Tensor> resets = optional_tensor(args[7]);
