@@ -204,15 +204,18 @@ def test_direct_call_releases_the_gil():
     """Another Python thread runs while the op does, as with torch.ops: the main thread's longest
     pause during a long call is a small part of it (holding the GIL, it would be all of it)."""
     torch.manual_seed(0)
-    T, B, H = 16000, 8, 128
-    x, h0 = torch.randn(T, B, H), torch.randn(B, H)
-    weights = torch.randn(H, H) / H**0.5, torch.randn(H, H) / H**0.5
+    B, H = 4, 128
+    h0, weights = torch.randn(B, H), (torch.randn(H, H) / H**0.5, torch.randn(H, H) / H**0.5)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core for the op, one for the main thread
     try:
-        started = time.perf_counter()
-        direct(x, h0, *weights, None, None, False, None, None)
-        duration = time.perf_counter() - started
+        T, duration = 2000, 0.0
+        while duration < 0.1 and T < 1_000_000:  # a call long enough to tell, on any machine
+            T *= 2
+            x = torch.randn(T, B, H)
+            started = time.perf_counter()
+            direct(x, h0, *weights, None, None, False, None, None)
+            duration = time.perf_counter() - started
         done = threading.Event()
 
         def call():
@@ -228,7 +231,7 @@ def test_direct_call_releases_the_gil():
         worker.join()
     finally:
         torch.set_num_threads(threads)
-    assert duration > 0.05, f"the call took only {duration:.3f} s: too short to tell"
+    assert duration >= 0.1, f"the call took only {duration:.3f} s: too short to tell"
     assert longest < 0.5 * duration, (
         f"the main thread paused {longest:.3f} s during a {duration:.3f} s call"
     )
