@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_bptt
 from conftest import DEVICES, make_layer_inputs
@@ -121,6 +122,31 @@ def test_direct_call_hands_overrides_to_torch_ops():
     with _RecordingMode() as mode:
         got = direct(*args)
     assert through_torch_ops in mode.seen, "the torch function mode was skipped"
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+class _DispatchRecording(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_direct_call_under_a_dispatch_mode():
+    """A torch dispatch mode (a Python kernel the dispatcher calls back, the GIL taken again)
+    sees the same ops from the direct call as from torch.ops, and the results are theirs."""
+    args = _layer_args("cpu", torch.float64, True, False, "resets", True, requires_grad=True)
+    recorded = []
+    for call in (direct, through_torch_ops):
+        with _DispatchRecording() as mode:
+            y, h_n = call(*args)
+            (grad_x,) = torch.autograd.grad(y.sum() + h_n.sum(), args[0])
+        recorded.append((mode.seen, y, h_n, grad_x))
+    (seen, *got), (seen_ref, *want) = recorded
+    assert seen == seen_ref and "fused_bptt.rnn_forward.default" in seen, seen
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
