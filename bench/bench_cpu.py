@@ -448,7 +448,7 @@ def per_call_cost(quick):
     fused = fused_bptt.FusedRNN.from_rnn(nn_rnn, backend="cpp")
     weights = list(fused.parameters())
     rnn_layer = torch.ops.fused_bptt.rnn_layer.default
-    direct = fused_bptt._ops._C.rnn_layer
+    direct = fused_bptt.module._rnn_layer_op()  # what FusedRNN calls
     fns = {
         "FusedRNN": lambda: fused(x, h0),
         "torch.ops": lambda: rnn_layer(x, h0, *weights, False, None, None),

@@ -97,11 +97,15 @@ def has_kernel(dispatch_key: str) -> bool:
 
 
 if loaded():
-    # fused_bptt._C.rnn_layer (csrc/eager_call.cpp; FusedRNN's eager call of the op) hands the
-    # arguments it does not take itself to the torch.ops call, which handles them or raises.
-    if hasattr(_C, "set_rnn_layer_fallback"):
-        _overload = torch.ops.fused_bptt.rnn_layer.default
-        _C.set_rnn_layer_fallback(getattr(_overload, "_op", _overload))
+    # FusedRNN's eager call of rnn_layer: fused_bptt._C.rnn_layer (csrc/eager_call.cpp), which
+    # hands the arguments it does not take itself to the builtin that torch.ops'
+    # OpOverload.__call__ calls (that handles them or raises); a library built without it: that
+    # builtin.
+    _overload = torch.ops.fused_bptt.rnn_layer.default
+    _builtin = getattr(_overload, "_op", _overload)
+    EAGER_RNN_LAYER = getattr(_C, "rnn_layer", None) or _builtin
+    if EAGER_RNN_LAYER is not _builtin:
+        _C.set_rnn_layer_fallback(_builtin)
 
     # The fake (meta) kernels: the checks of the real kernels, in Python so that sizes may be
     # symbolic under torch.compile(dynamic=True), then outputs of the right shape. They also serve

@@ -332,21 +332,14 @@ class FusedRNN(nn.RNN):
         return x, (finals[0] if len(finals) == 1 else torch.stack(finals))
 
 
-_RNN_LAYER = None
-
-
 def _rnn_layer_op():
-    """torch.ops.fused_bptt.rnn_layer (its one overload) as the eager path calls it, looked up
-    once: fused_bptt._C.rnn_layer, which calls the same op through the dispatcher without
-    torch.ops' boxed argument parsing (csrc/eager_call.cpp; several microseconds a call) and
-    hands what it does not take itself (a tensor subclass, a torch function mode) to torch.ops.
-    A library built without that function: the builtin that OpOverload.__call__ calls. Either
-    way the same op, dispatched the same way."""
-    global _RNN_LAYER
-    if _RNN_LAYER is None:
-        overload = torch.ops.fused_bptt.rnn_layer.default
-        _RNN_LAYER = getattr(_ops._C, "rnn_layer", None) or getattr(overload, "_op", overload)
-    return _RNN_LAYER
+    """torch.ops.fused_bptt.rnn_layer (its one overload) as the eager path calls it: _ops'
+    EAGER_RNN_LAYER, fused_bptt._C.rnn_layer, which calls the same op through the dispatcher
+    without torch.ops' boxed argument parsing (csrc/eager_call.cpp; several microseconds a call)
+    and hands what it does not take itself (a tensor subclass, a torch function mode) to
+    torch.ops. Either way the same op, dispatched the same way. Called only once the extension
+    is loaded (a backend other than the reference is resolved)."""
+    return _ops.EAGER_RNN_LAYER
 
 
 _is_compiling = torch.compiler.is_compiling

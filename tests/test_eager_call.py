@@ -34,8 +34,9 @@ def _layer_args(device, dtype, bias, relu, bounds, lead, requires_grad):
     x, h0, w_ih, w_hh, b_ih, b_hh = make_layer_inputs(T, B, I, H, dtype, device, bias=bias)
     if lead:
         h0 = h0.unsqueeze(0)  # a one-layer module's hx: [1, B, H]
-    tensors = [t if t is None else t.requires_grad_(requires_grad) for t in (x, h0, w_ih, w_hh)]
-    tensors += [t if t is None else t.requires_grad_(requires_grad) for t in (b_ih, b_hh)]
+    tensors = [
+        t if t is None else t.requires_grad_(requires_grad) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)
+    ]
     resets = lengths = None
     if bounds == "resets":
         resets = torch.zeros(T, B, dtype=torch.bool, device=device)
